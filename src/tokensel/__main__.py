@@ -1,0 +1,3 @@
+from tokensel.cli import main
+
+main()

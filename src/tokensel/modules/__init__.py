@@ -1,0 +1,11 @@
+"""Selectors and selective blocks. Importing this package registers every selector, so recipes can
+name them by short class name (`class_path: Rho1Selection`)."""
+
+from tokensel.modules.base import KNOWN_STATS, TokenSelector, TokenStats, Triage, topk_mask
+from tokensel.modules.basic import FullSelection, RandomSelection
+from tokensel.modules.rho1 import Rho1Selection
+
+__all__ = [
+    "KNOWN_STATS", "TokenSelector", "TokenStats", "Triage", "topk_mask",
+    "FullSelection", "RandomSelection", "Rho1Selection",
+]

@@ -1,0 +1,169 @@
+"""The selector interface every loss-side method implements.
+
+A selector maps per-token evidence (`TokenStats`) to weights `w [B, T]` (0/1 or soft). The spine
+(`tokensel.trainer.lm.SelectiveLM`) gathers exactly the statistics a selector declares in `needs`,
+calls it, and trains on `sum(w * loss) / normaliser`. A selector can act in two places:
+
+* `triage(stats)` runs *before* the trained forward on the no-grad scoring pass (`score_loss`,
+  `score_entropy`, `ref_loss`, `his_loss`); it may drop whole samples (they then cost no training
+  compute) and give prior token weights. Only selectors that override it trigger a scoring pass of
+  the current model.
+* `select(stats)` runs *after* the trained forward on its own per-token statistics.
+
+Scope of ranking (`scope`): "batch" ranks all valid tokens of the micro-batch together, "sample"
+ranks within each row, "global" all-gathers scores across data-parallel ranks first (same result
+as one process holding the whole global batch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+# Statistics a selector can ask for. The spine computes only the ones some selector needs.
+KNOWN_STATS = frozenset({
+    "loss",            # per-token CE of the trained forward [B, T] (detached copy)
+    "entropy",         # predictive entropy of the trained forward [B, T]
+    "ref_loss",        # per-token CE of a frozen reference model (Rho-1) or precomputed
+    "his_loss",        # per-token CE of the history model (ssToken): base with LoRA off, EMA adapter, or cached
+    "score_loss",      # per-token CE of the current model in a no-grad pass before the trained forward (Q-Tuning)
+    "score_entropy",   # entropy from the same pass
+    "attn_prompt",     # attention mass each token puts on the prompt at one layer, head-averaged (ssToken)
+    "teacher_logits",  # reserved for distillation selectors (ESLM-KD)
+})
+
+
+@dataclass
+class TokenStats:
+    """Per-token evidence for one micro-batch. All tensors are `[B, T]` and aligned with `labels`.
+
+    `valid` marks positions that carry a label (response tokens in SFT; not padding, not prompt).
+    Statistics at invalid positions are 0 and must never be selected.
+    """
+
+    valid: Tensor
+    loss: Tensor | None = None
+    entropy: Tensor | None = None
+    ref_loss: Tensor | None = None
+    his_loss: Tensor | None = None
+    score_loss: Tensor | None = None
+    score_entropy: Tensor | None = None
+    attn_prompt: Tensor | None = None
+    sample_ids: Tensor | None = None  # [B] dataset indices, for cached statistics and reports
+    step: int = 0
+    extras: dict = field(default_factory=dict)
+
+    def subset(self, rows: Tensor) -> TokenStats:
+        """The same statistics restricted to the kept rows (after sample triage)."""
+        def pick(v):
+            return v[rows] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == self.valid.shape[0] else v
+        return replace(self, **{k: pick(getattr(self, k)) for k in self.__dataclass_fields__ if k != "extras"})
+
+
+@dataclass
+class Triage:
+    """Output of `TokenSelector.triage`: which samples enter the trained forward, with prior weights."""
+
+    keep_samples: Tensor             # [B] bool
+    token_weights: Tensor | None = None  # [B, T] prior weights for the kept *and* dropped rows, or None = all ones
+    info: dict = field(default_factory=dict)
+
+
+class TokenSelector(nn.Module):
+    """Base class: map `TokenStats` to per-token weights `[B, T]`.
+
+    Subclasses set `needs` and implement `select`; sample-level methods also override `triage`.
+    The spine multiplies the returned weights with `valid`, so a selector cannot train on prompt
+    or padding tokens even by mistake.
+    """
+
+    needs: ClassVar[frozenset[str]] = frozenset({"loss"})
+
+    def __init__(self, scope: str = "batch") -> None:
+        super().__init__()
+        if scope not in ("batch", "sample", "global"):
+            raise ValueError(f"{type(self).__name__}: scope={scope!r} must be one of 'batch', 'sample', 'global'")
+        self.scope = scope
+
+    @property
+    def uses_triage(self) -> bool:
+        return type(self).triage is not TokenSelector.triage
+
+    def triage(self, stats: TokenStats) -> Triage:  # noqa: D401 - default: keep every sample
+        return Triage(keep_samples=torch.ones(stats.valid.shape[0], dtype=torch.bool, device=stats.valid.device))
+
+    def select(self, stats: TokenStats) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement select(stats) -> weights [B, T]")
+
+    def forward(self, stats: TokenStats) -> Tensor:
+        missing = [k for k in self.needs if k in KNOWN_STATS and getattr(stats, k) is None]
+        if missing:
+            raise RuntimeError(f"{type(self).__name__} needs {missing} but the step did not provide them; "
+                               "check the model's reference/history settings")
+        w = self.select(stats)
+        return w * stats.valid.to(w.dtype)
+
+    # ---- shared ranking helpers -------------------------------------------------------------
+
+    def topk_mask(self, score: Tensor, valid: Tensor, ratio: float, largest: bool = True) -> Tensor:
+        """0/1 weights keeping the `ceil(ratio * n)` best-scored valid tokens, per `self.scope`.
+
+        Ties are broken by position (stable sort), so the result is deterministic.
+        """
+        return topk_mask(score, valid, ratio, scope=self.scope, largest=largest)
+
+
+def _gather_global(score: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, int]:
+    """All-gather flattened scores/validity across ranks; returns them plus this rank's offset."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return score.reshape(-1), valid.reshape(-1), 0
+    n = torch.tensor([score.numel()], device=score.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    width = int(max(s.item() for s in sizes))
+    pad_s = torch.full((width,), float("-inf"), device=score.device, dtype=score.dtype)
+    pad_v = torch.zeros(width, device=score.device, dtype=torch.bool)
+    pad_s[: score.numel()], pad_v[: score.numel()] = score.reshape(-1), valid.reshape(-1)
+    all_s = [torch.empty_like(pad_s) for _ in sizes]
+    all_v = [torch.empty_like(pad_v) for _ in sizes]
+    dist.all_gather(all_s, pad_s)
+    dist.all_gather(all_v, pad_v)
+    rank = dist.get_rank()
+    chunks_s = [s[: int(k.item())] for s, k in zip(all_s, sizes)]
+    chunks_v = [v[: int(k.item())] for v, k in zip(all_v, sizes)]
+    offset = sum(int(k.item()) for k in sizes[:rank])
+    return torch.cat(chunks_s), torch.cat(chunks_v), offset
+
+
+def _keep_top(score: Tensor, valid: Tensor, ratio: float, largest: bool) -> Tensor:
+    """1-D: bool mask of the ceil(ratio * #valid) highest (or lowest) valid scores."""
+    n_valid = int(valid.sum())
+    k = min(n_valid, math.ceil(ratio * n_valid - 1e-9))
+    keep = torch.zeros_like(valid)
+    if k <= 0:
+        return keep
+    s = score.float().masked_fill(~valid, float("-inf") if largest else float("inf"))
+    order = torch.sort(s, descending=largest, stable=True).indices
+    keep[order[:k]] = True
+    return keep
+
+
+def topk_mask(score: Tensor, valid: Tensor, ratio: float, scope: str = "batch", largest: bool = True) -> Tensor:
+    """Functional form of `TokenSelector.topk_mask`: `[B, T]` float 0/1 weights."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"keep ratio {ratio} must lie in [0, 1]")
+    valid = valid.bool()
+    if scope == "sample":
+        keep = torch.stack([_keep_top(score[b], valid[b], ratio, largest) for b in range(score.shape[0])])
+    elif scope == "global":
+        all_s, all_v, off = _gather_global(score, valid)
+        keep = _keep_top(all_s, all_v, ratio, largest)[off: off + score.numel()].view_as(valid)
+    else:
+        keep = _keep_top(score.reshape(-1), valid.reshape(-1), ratio, largest).view_as(valid)
+    return keep.to(score.dtype if score.is_floating_point() else torch.float32)

@@ -1,0 +1,143 @@
+"""The Trainer class the CLI uses: Lightning's Trainer plus run folders, atomic checkpoints and `export`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from tokensel.errors import ConfigError, TokenselError
+
+log = logging.getLogger(__name__)
+CHECKPOINT_ROOT = "checkpoints"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write `path.tmp`, fsync, then rename over `path`: a crash never leaves a half-written `last.ckpt`."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+class TokenselTrainer(Trainer):
+    """`lightning.pytorch.Trainer` with tokensel defaults.
+
+    * Checkpoints go to `default_root_dir` (the CLI sets `checkpoints/<run_name>`): `last.ckpt` every
+      `save_every_n_steps` plus the best by `val/loss`, both written atomically.
+    * `export(...)` is the `trainer export` verb.
+    """
+
+    def __init__(self, *args, save_every_n_steps: int | None = None, **kwargs) -> None:
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if kwargs.get("enable_checkpointing", True) is not False and not any(
+                isinstance(c, ModelCheckpoint) for c in callbacks):
+            root = kwargs.get("default_root_dir") or os.getcwd()
+            callbacks.append(ModelCheckpoint(dirpath=root, filename="best-{step}", monitor="val/loss", mode="min",
+                                             save_top_k=1, save_last=True, every_n_train_steps=save_every_n_steps))
+        plugins = list(kwargs.pop("plugins", None) or [])
+        strategy = kwargs.get("strategy", "auto")
+        if isinstance(strategy, str) and "deepspeed" not in strategy and not any(
+                isinstance(p, TorchCheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        super().__init__(*args, callbacks=callbacks, plugins=plugins or None, **kwargs)
+
+    def export(self, model: LightningModule, datamodule: LightningDataModule | None = None,
+               ckpt_path: str | None = None, out: str = "exported", adapter_only: bool = False) -> str:
+        """Write a Hugging Face folder from a checkpoint.
+
+        Args:
+            ckpt_path: a Lightning checkpoint file, `last` / `best` (resolved in the run folder), or a
+                DeepSpeed checkpoint directory (consolidated first). Without it the model's initial weights
+                are exported.
+            out: destination folder (written to `out.tmp` and renamed, so a failed export leaves nothing).
+            adapter_only: with LoRA, write a PEFT adapter folder instead of merged weights.
+        """
+        if not hasattr(model, "export_hf"):
+            raise ConfigError(f"{type(model).__name__} has no export_hf(); this model type cannot be exported")
+        if ckpt_path is not None:
+            path = resolve_ckpt_path(ckpt_path, self.default_root_dir)
+            load_checkpoint_into(model, path)
+        model.eval()
+        out_path = Path(out)
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        fs = get_filesystem(str(tmp))
+        if fs.exists(str(tmp)):
+            fs.rm(str(tmp), recursive=True)
+        model.export_hf(str(tmp), adapter_only=adapter_only, datamodule=datamodule)
+        if out_path.exists():
+            import shutil
+
+            shutil.rmtree(out_path)
+        os.replace(tmp, out_path)
+        print(f"tokensel: exported {type(model).__name__} to {out_path.resolve()}")
+        return str(out_path)
+
+
+def resolve_ckpt_path(ckpt_path: str, root: str) -> str:
+    """`last` / `best` name files in the run folder; anything else must exist."""
+    if ckpt_path in ("last", "best"):
+        folder = Path(root)
+        cands = [folder / "last.ckpt"] if ckpt_path == "last" else sorted(folder.glob("best*.ckpt"))
+        cands = [c for c in cands if c.exists()]
+        if not cands:
+            raise TokenselError(f"--ckpt_path {ckpt_path}: no {ckpt_path} checkpoint in {folder}/; "
+                                "train first or pass a checkpoint file")
+        return str(cands[-1])
+    if not Path(ckpt_path).exists():
+        raise TokenselError(f"--ckpt_path {ckpt_path}: no such file or directory")
+    return ckpt_path
+
+
+def load_checkpoint_into(model: LightningModule, path: str) -> None:
+    """Load a Lightning `.ckpt` file, or a DeepSpeed checkpoint directory, into `model`."""
+    if Path(path).is_dir():
+        from lightning.pytorch.utilities.deepspeed import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(path)
+        state = {k.removeprefix("_forward_module."): v for k, v in state.items()}
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = ckpt["state_dict"]
+    if hasattr(model, "configure_model"):
+        model.configure_model()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    trainable_missing = [k for k in missing if not _frozen_key(model, k)]
+    if trainable_missing or unexpected:
+        raise TokenselError(f"checkpoint {path} does not match the model in the config: missing "
+                            f"{trainable_missing[:5]}, unexpected {unexpected[:5]}; export with the recipe it was "
+                            "trained with")
+
+
+def _frozen_key(model: LightningModule, key: str) -> bool:
+    """Keys a module deliberately leaves out of checkpoints (frozen reference models)."""
+    skip = getattr(model, "checkpoint_skip_prefixes", ())
+    return any(key.startswith(p) for p in skip)
+
+
+def configure_run_dirs(config, subcommand: str | None, argv: list[str]) -> None:
+    """Default `trainer.default_root_dir` to `checkpoints/<run_name>`; run_name defaults to the recipe stem."""
+    if subcommand is None:
+        return
+    cfg = config[subcommand]
+    run_name = cfg.get("run_name")
+    if not run_name:
+        cfgs = cfg.get("config") or []
+        run_name = Path(str(cfgs[0])).stem if cfgs else "run"
+        cfg["run_name"] = run_name
+    trainer_cfg = cfg["trainer"]
+    if not trainer_cfg.get("default_root_dir"):
+        trainer_cfg["default_root_dir"] = str(Path(CHECKPOINT_ROOT) / run_name)
