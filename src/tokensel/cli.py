@@ -11,7 +11,11 @@ kernel back-ends are typed by their base classes and resolve the same way.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import os
+import re
 import sys
 
 # Quiet, offline-friendly defaults before heavy imports: the machines have no hub access, and
@@ -20,15 +24,69 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 import tokensel  # noqa: E402,F401  (registers every selector / module for short class names)
 from tokensel.errors import TokenselError  # noqa: E402
 from tokensel.trainer.base_trainer import TokenselTrainer  # noqa: E402
 
 
+def _known_subclasses(base_path: str) -> list[str]:
+    """Short names of every imported subclass of the class at `base_path` (what a recipe may name)."""
+    mod, _, name = base_path.rpartition(".")
+    try:
+        base = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError):
+        return []
+    seen, todo = set(), list(base.__subclasses__())
+    while todo:
+        c = todo.pop()
+        if c not in seen:
+            seen.add(c)
+            todo += c.__subclasses__()
+    return sorted({c.__name__ for c in seen if not c.__name__.startswith("_")})
+
+
+def summarise_parse_error(message: str) -> str:
+    """One line from jsonargparse's nested error dump: the innermost key, what was wrong, the valid choices."""
+    keys = re.findall(r'Parser key "([^"]+)"', message) + re.findall(r"NestedArg\(key='([^']+)'", message)
+    inner = [k for k in keys if k not in ("model", "data", "trainer", "optimizer", "lr_scheduler")]
+    key = (inner or keys or [None])[0]
+    where = f"key '{key}'" if key else "config"
+    if m := re.search(r"Expected a dot import path string: (\S+)", message) or re.search(
+            r"Import path (\S+) does not", message):
+        bases = re.findall(r"Subtypes: \[<class '([\w.]+)'>", message)
+        known = _known_subclasses(bases[-1]) if bases else []
+        return f"{where}: unknown class {m.group(1)!r}; known: {', '.join(known) or '(none imported)'}"
+    if m := re.search(r"Option '([^']+)' is not accepted", message):
+        cls = re.findall(r"class_path '([\w.]+)'", message)
+        owner = f" of {cls[-1]}" if cls else ""
+        return f"unknown key '{m.group(1)}'{owner}; run with --help (or --print_config) to list the valid keys"
+    if m := re.search(r"Expected a typing\.Literal\[(.*?)\]\. Got value: (.*)", message):
+        return f"{where}: got {m.group(2).strip()!r}; expected one of {m.group(1)}"
+    if m := re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message):
+        return f"{where}: got {m.group(2).strip()!r}; expected a value of type {m.group(1)}"
+    lines = [ln.strip(" -") for ln in message.splitlines() if ln.strip() and not ln.strip().startswith("[")]
+    return " ".join(lines)[:400]
+
+
 class TokenselCLI(LightningCLI):
     """LightningCLI plus the `export` subcommand (a method of `TokenselTrainer`)."""
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse as LightningCLI does, but turn a failure's usage dump into one line (key, problem, choices)."""
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(buf):
+                super().parse_arguments(parser, args)
+        except SystemExit as e:
+            text = buf.getvalue()
+            if e.code in (0, None) or "error:" not in text:
+                sys.stderr.write(text)
+                raise
+            sys.stderr.write(f"error: {summarise_parse_error(text.split('error:', 1)[1])}\n")
+            raise SystemExit(2) from None
+        sys.stderr.write(buf.getvalue())
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

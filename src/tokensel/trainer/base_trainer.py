@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from tokensel.errors import ConfigError, TokenselError
@@ -33,11 +33,57 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also refreshes `last.ckpt` when training ends, so `--ckpt_path last` and
+    `trainer export --ckpt_path last` always mean the final weights, not the last validation's."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and self._last_global_step_saved < trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class RNGState(Callback):
+    """Checkpoint the python / numpy / torch RNG states, so a resumed run draws the same dropout masks
+    (and anything else random) as an uninterrupted one. Lightning does not save them itself."""
+
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        # plain types and tensors only: Lightning loads checkpoints with torch.load(weights_only=True)
+        numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+        return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pending = state
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # restored here, not in load_state_dict: setup between restore and the first step draws random numbers
+        state = getattr(self, "_pending", None)
+        if state:
+            import random
+
+            import numpy as np
+
+            random.setstate(state["python"])
+            kind, keys, pos, has_gauss, gauss = state["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            torch.set_rng_state(state["torch"])
+            if state.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+            self._pending = None
+
+
 class TokenselTrainer(Trainer):
     """`lightning.pytorch.Trainer` with tokensel defaults.
 
     * Checkpoints go to `default_root_dir` (the CLI sets `checkpoints/<run_name>`): `last.ckpt` every
-      `save_every_n_steps` plus the best by `val/loss`, both written atomically.
+      `save_every_n_steps` (and at each validation / epoch end and when training ends) plus `best-step=N.ckpt`
+      by `val/loss`, all written atomically.
     * `export(...)` is the `trainer export` verb.
     """
 
@@ -46,8 +92,14 @@ class TokenselTrainer(Trainer):
         if kwargs.get("enable_checkpointing", True) is not False and not any(
                 isinstance(c, ModelCheckpoint) for c in callbacks):
             root = kwargs.get("default_root_dir") or os.getcwd()
+            # Two callbacks: Lightning defers a monitored callback's `last` until validation, so `last`
+            # (crash recovery, every `save_every_n_steps`) must not depend on `val/loss`.
+            callbacks.append(RunCheckpoint(dirpath=root, save_last=True, save_top_k=0,
+                                           every_n_train_steps=save_every_n_steps))
             callbacks.append(ModelCheckpoint(dirpath=root, filename="best-{step}", monitor="val/loss", mode="min",
-                                             save_top_k=1, save_last=True, every_n_train_steps=save_every_n_steps))
+                                             save_top_k=1))
+        if not any(isinstance(c, RNGState) for c in callbacks):
+            callbacks.append(RNGState())
         plugins = list(kwargs.pop("plugins", None) or [])
         strategy = kwargs.get("strategy", "auto")
         if isinstance(strategy, str) and "deepspeed" not in strategy and not any(
@@ -130,9 +182,7 @@ def _frozen_key(model: LightningModule, key: str) -> bool:
 
 def configure_run_dirs(config, subcommand: str | None, argv: list[str]) -> None:
     """Default `trainer.default_root_dir` to `checkpoints/<run_name>`; run_name defaults to the recipe stem."""
-    if subcommand is None:
-        return
-    cfg = config[subcommand]
+    cfg = config[subcommand] if subcommand else config  # run=False: no subcommand level
     run_name = cfg.get("run_name")
     if not run_name:
         cfgs = cfg.get("config") or []

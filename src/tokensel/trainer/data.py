@@ -1,0 +1,500 @@
+"""Text DataModules: SFT (prompt/response or chat messages) and pretraining text, built on `datasets`.
+
+Every batch carries `input_ids`, `labels` (-100 where no loss: prompt, padding), `attention_mask`
+(2-D padding mask, or a 4-D block-diagonal causal mask when samples are packed), `position_ids`, and
+`sample_index` / `token_index` `[B, T]` (dataset row and position within it, -1 on padding) so cached
+per-token statistics (reference / history losses) can be looked up whatever the batching.
+
+Malformed rows stop the run with the file, line and problem (`on_bad_row: error`), or are skipped and
+counted (`on_bad_row: skip`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tokensel.errors import ConfigError, DataError
+from tokensel.offline import EMBEDDED_SFT
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+# ---------------------------------------------------------------- reading rows with their locations
+
+
+def _read_rows(path: str) -> list[tuple[str, object]]:
+    """Rows of a JSONL / JSON / parquet file or saved HF dataset folder, each with a location string."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if p.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # noqa: BLE001 - datasets raises many types for a bad folder
+            raise DataError(f"{path}: not a saved Hugging Face dataset folder ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        return [(f"{path}: row {i}", r) for i, r in enumerate(ds)]
+    if p.suffix == ".parquet":
+        import datasets
+
+        ds = datasets.Dataset.from_parquet(str(p))
+        return [(f"{path}: row {i}", r) for i, r in enumerate(ds)]
+    if p.suffix == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: invalid JSON ({e}); a .json file must hold one array of objects") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: top level is {type(data).__name__}; a .json file must hold an array of objects")
+        return [(f"{path}: item {i}", r) for i, r in enumerate(data)]
+    if p.suffix in (".jsonl", ".txt", ".text") or p.suffix == "":
+        rows = []
+        with open(p, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                loc = f"{path}:{n}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    rows.append((loc, DataError(f"{loc}: invalid UTF-8 ({e.reason} at byte {e.start})")))
+                    continue
+                if not line.strip():
+                    continue
+                if p.suffix == ".jsonl":
+                    try:
+                        rows.append((loc, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        rows.append((loc, DataError(f"{loc}: bad JSON ({e.msg} at column {e.colno})")))
+                else:
+                    rows.append((loc, {"text": line.rstrip("\n")}))
+        return rows
+    raise DataError(f"{path}: unknown file type {p.suffix!r}; use .jsonl, .json, .parquet, .txt or a saved dataset")
+
+
+def _collect(paths: list[str], parse, on_bad_row: str) -> list:
+    """Parse every row with `parse(loc, row)`; bad rows raise or are counted, per `on_bad_row`."""
+    out, bad = [], 0
+    for path in paths:
+        for loc, row in _read_rows(path):
+            try:
+                if isinstance(row, DataError):
+                    raise row
+                item = parse(loc, row)
+            except DataError:
+                if on_bad_row == "error":
+                    raise
+                bad += 1
+                continue
+            if item is not None:
+                out.append(item)
+    if bad:
+        log.warning("tokensel data: skipped %d malformed rows (on_bad_row=skip)", bad)
+        print(f"tokensel data: skipped {bad} malformed rows (on_bad_row=skip)")
+    if not out:
+        raise DataError(f"{', '.join(paths)}: no usable rows")
+    return out
+
+
+# ---------------------------------------------------------------- SFT rows -> token ids + labels
+
+
+def _as_str(loc: str, row: dict, key: str, col: str) -> str:
+    if col not in row:
+        raise DataError(f"{loc}: missing column {col!r} (the {key}); columns are {sorted(row)}; "
+                        f"set data.column_map.{key} to the right name")
+    v = row[col]
+    if not isinstance(v, str):
+        raise DataError(f"{loc}: column {col!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def parse_sft_row(loc: str, row, fmt: str, column_map: dict[str, str]) -> list[dict]:
+    """Validate one SFT row and return it as chat messages [{role, content}, ...]."""
+    if not isinstance(row, dict):
+        raise DataError(f"{loc}: each row must be a JSON object, got {type(row).__name__}")
+    mcol = column_map.get("messages", "messages")
+    if fmt == "messages" or (fmt == "auto" and mcol in row):
+        msgs = row.get(mcol)
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{loc}: column {mcol!r} must be a non-empty list of {{role, content}} objects")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{loc}: message {i} needs string 'role' and 'content' fields, got {m!r:.80}")
+            if m["role"] not in ("system", "user", "assistant"):
+                raise DataError(f"{loc}: message {i} has role {m['role']!r}; use system, user or assistant")
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+            raise DataError(f"{loc}: no non-empty assistant message, so nothing to train on")
+        return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    prompt = _as_str(loc, row, "prompt", column_map.get("prompt", "prompt"))
+    response = _as_str(loc, row, "response", column_map.get("response", "response"))
+    if not response.strip():
+        raise DataError(f"{loc}: empty response, so nothing to train on")
+    msgs = []
+    scol = column_map.get("system", "system")
+    if isinstance(row.get(scol), str) and row[scol]:
+        msgs.append({"role": "system", "content": row[scol]})
+    return msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def tokenize_chat(tokenizer, messages: list[dict], max_length: int) -> dict | None:
+    """Token ids with labels on assistant tokens only; None if truncation leaves no labelled token.
+
+    With a chat template, each assistant turn's span is the difference between the template rendered
+    up to the turn (with the generation prompt) and through it, so system/user text and the template's
+    role headers never get a label. Without one, turns are joined with newlines and the response ends
+    with the EOS token.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    if getattr(tokenizer, "chat_template", None):
+        def render(msgs, gen):
+            out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+            return list(out["input_ids"]) if isinstance(out, dict) or hasattr(out, "keys") else list(out)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before, through = render(messages[:i], True), render(messages[: i + 1], False)
+            if through[: len(before)] != before or before[: len(ids)] != ids:
+                raise ConfigError("the tokenizer's chat template is not prefix-consistent; use data.format "
+                                  "prompt_response with a tokenizer without chat_template")
+            labels += [IGNORE] * (len(before) - len(ids)) + through[len(before):]
+            ids = through
+        tail = render(messages, False)[len(ids):]  # trailing non-assistant turns: context only
+        ids, labels = ids + tail, labels + [IGNORE] * len(tail)
+    else:
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for m in messages:
+            piece = tokenizer(m["content"] + ("" if m["role"] == "assistant" else "\n"), add_special_tokens=False)
+            piece = list(piece["input_ids"]) + (eos if m["role"] == "assistant" else [])
+            ids += piece
+            labels += piece if m["role"] == "assistant" else [IGNORE] * len(piece)
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(x == IGNORE for x in labels[1:]):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+# ---------------------------------------------------------------- batching
+
+
+class TokenizedDataset(Dataset):
+    """A list of tokenized samples (`datasets.Dataset` underneath for memory-mapped storage)."""
+
+    def __init__(self, samples: list[dict]):
+        import datasets
+
+        self.ds = datasets.Dataset.from_list(samples)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.ds[int(i)]
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded per-epoch permutation that can start mid-epoch.
+
+    The module stores (epoch, batches done) in its checkpoints and calls `fast_forward` on resume, so a
+    resumed run sees exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, batch_size: int):
+        self.n, self.shuffle, self.seed, self.batch_size = n, shuffle, seed, batch_size
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def fast_forward(self, epoch: int, batches_done: int) -> None:
+        self.epoch, self.skip_batches = epoch, batches_done
+
+    def __iter__(self):
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+                 if self.shuffle else list(range(self.n)))
+        start, self.skip_batches = self.skip_batches * self.batch_size, 0
+        return iter(order[start:])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def pad_collate(pad_id: int):
+    """Right-pad a list of samples to the longest one."""
+    def collate(items: list[dict]) -> dict:
+        T = max(len(x["input_ids"]) for x in items)
+        B = len(items)
+        batch = {"input_ids": torch.full((B, T), pad_id), "labels": torch.full((B, T), IGNORE),
+                 "attention_mask": torch.zeros(B, T, dtype=torch.long),
+                 "position_ids": torch.zeros(B, T, dtype=torch.long),
+                 "sample_index": torch.full((B, T), -1), "token_index": torch.full((B, T), -1)}
+        for b, x in enumerate(items):
+            n = len(x["input_ids"])
+            batch["input_ids"][b, :n] = torch.tensor(x["input_ids"])
+            batch["labels"][b, :n] = torch.tensor(x["labels"])
+            batch["attention_mask"][b, :n] = 1
+            batch["position_ids"][b, :n] = torch.arange(n)
+            batch["sample_index"][b, :n] = x["sample_index"]
+            batch["token_index"][b, :n] = torch.arange(n)
+        return batch
+    return collate
+
+
+def pack_samples(samples: list[dict], max_length: int) -> list[list[int]]:
+    """Greedy first-fit of whole samples into rows of at most `max_length` tokens (indices per row)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        for r, left in enumerate(room):
+            if n <= left:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max_length - n)
+    return rows
+
+
+class PackedDataset(Dataset):
+    """Rows of several whole samples; the collate builds a block-diagonal causal mask so samples never see
+    each other, and resets positions per sample."""
+
+    def __init__(self, base: TokenizedDataset, max_length: int):
+        self.base = base
+        self.rows = pack_samples([base[i] for i in range(len(base))], max_length)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return [self.base[j] for j in self.rows[i]]
+
+
+def packed_collate(pad_id: int, max_length: int):
+    def collate(rows: list[list[dict]]) -> dict:
+        B, T = len(rows), max(sum(len(s["input_ids"]) for s in r) for r in rows)
+        batch = pad_collate(pad_id)([{"input_ids": [pad_id] * T, "labels": [IGNORE] * T, "sample_index": -1}
+                                     for _ in rows])
+        mask = torch.zeros(B, 1, T, T, dtype=torch.bool)
+        batch["attention_mask"] = torch.zeros(B, T, dtype=torch.long)
+        batch["sample_index"].fill_(-1)
+        batch["token_index"].fill_(-1)
+        for b, r in enumerate(rows):
+            at = 0
+            for s in r:
+                n = len(s["input_ids"])
+                sl = slice(at, at + n)
+                batch["input_ids"][b, sl] = torch.tensor(s["input_ids"])
+                batch["labels"][b, sl] = torch.tensor(s["labels"])
+                batch["attention_mask"][b, sl] = 1
+                batch["position_ids"][b, sl] = torch.arange(n)
+                batch["sample_index"][b, sl] = s["sample_index"]
+                batch["token_index"][b, sl] = torch.arange(n)
+                mask[b, 0, sl, sl] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+                at += n
+            mask[b, 0, at:, at:] = torch.eye(T - at, dtype=torch.bool)  # padding attends to itself: no NaN rows
+        batch["attention_mask_4d"] = mask
+        return batch
+    return collate
+
+
+# ---------------------------------------------------------------- DataModules
+
+
+class TextDataModule(LightningDataModule):
+    """Shared machinery: tokenizer from the model (or `tokenizer`), split, resumable loaders."""
+
+    def __init__(self, tokenizer: str | None = None, max_length: int = 512, batch_size: int = 4,
+                 val_fraction: float = 0.05, val_files: list[str] | None = None, num_workers: int = 0,
+                 on_bad_row: Literal["error", "skip"] = "error", shuffle: bool = True, seed: int = 0,
+                 max_samples: int | None = None) -> None:
+        super().__init__()
+        if on_bad_row not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_row={on_bad_row!r}: use 'error' or 'skip'")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={val_fraction}: must lie in [0, 1)")
+        self.tokenizer_name, self.max_length, self.batch_size = tokenizer, max_length, batch_size
+        self.val_fraction, self.val_files, self.num_workers = val_fraction, val_files, num_workers
+        self.on_bad_row, self.shuffle, self.seed, self.max_samples = on_bad_row, shuffle, seed, max_samples
+        self.train_set = self.val_set = None
+        self.sampler: ResumableSampler | None = None
+
+    # subclasses: list of tokenized samples for a list of files
+    def build_samples(self, paths: list[str]) -> list[dict]:
+        raise NotImplementedError
+
+    def train_paths(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def tokenizer(self):
+        if getattr(self, "_tokenizer", None) is None:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            if self.tokenizer_name is None and module is not None and getattr(module, "tokenizer", None) is not None:
+                self._tokenizer = module.tokenizer
+            else:
+                from tokensel.trainer.lm import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.tokenizer_name)
+        return self._tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        samples = self.build_samples(self.train_paths())
+        if self.max_samples:
+            samples = samples[: self.max_samples]
+        for i, s in enumerate(samples):  # stable ids (source order) for cached per-token statistics
+            s["sample_index"] = i
+        if self.val_files:
+            val = self.build_samples(self.val_files)
+            for i, s in enumerate(val):
+                s["sample_index"] = len(samples) + i
+        else:
+            g = torch.Generator().manual_seed(self.seed)
+            perm = torch.randperm(len(samples), generator=g).tolist()
+            n_val = int(round(len(samples) * self.val_fraction))
+            val, samples = [samples[i] for i in perm[:n_val]], [samples[i] for i in perm[n_val:]]
+        self.train_set, self.val_set = self._wrap(samples), self._wrap(val) if val else None
+        print(f"tokensel data: {len(samples)} train / {len(val)} validation samples")
+
+    def _wrap(self, samples):
+        return TokenizedDataset(samples)
+
+    def _collate(self):
+        pad = self.tokenizer.pad_token_id
+        return pad_collate(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: where the training loader stands, for an exact mid-epoch resume."""
+        if self.trainer is None:
+            return {}
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = state
+
+    def train_dataloader(self) -> DataLoader:
+        self.sampler = ResumableSampler(len(self.train_set), self.shuffle, self.seed, self.batch_size)
+        resume = getattr(self, "_resume", None)
+        if resume:
+            n_batches = -(-len(self.train_set) // self.batch_size)
+            if resume["batches_done"] < n_batches:  # a finished epoch resumes at the next one's start
+                self.sampler.fast_forward(resume["epoch"], resume["batches_done"])
+            self._resume = None
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler,
+                          collate_fn=self._collate(), num_workers=self.num_workers, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
+                          num_workers=self.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
+                          num_workers=self.num_workers)
+
+
+class SFTDataModule(TextDataModule):
+    """Supervised fine-tuning data: labels only on response (assistant) tokens.
+
+    Args:
+        train_files: JSONL / JSON / parquet files or saved HF dataset folders. Empty = the embedded
+            GSM-style math set (600 problems made with reasoning-gym's `gsm_symbolic`, shipped in the package).
+        format: "prompt_response" (columns named by `column_map`), "messages" (chat lists), or "auto".
+        column_map: e.g. `{prompt: question, response: answer}`; keys prompt, response, system, messages.
+        packing: pack several samples per row (block-diagonal mask) instead of padding each.
+        (the rest: see `TextDataModule`) tokenizer (default: the model's), max_length, batch_size,
+        val_fraction / val_files, on_bad_row ("error" stops at the first bad row with file:line; "skip"
+        drops and counts), shuffle, seed, max_samples.
+    """
+
+    def __init__(self, train_files: list[str] | None = None, format: Literal["auto", "prompt_response", "messages"] = "auto",
+                 column_map: dict[str, str] | None = None, packing: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if format not in ("auto", "prompt_response", "messages"):
+            raise ConfigError(f"data.format={format!r}: use auto, prompt_response or messages")
+        self.train_files = [train_files] if isinstance(train_files, str) else list(train_files or [])
+        self.format, self.column_map, self.packing = format, dict(column_map or {}), packing
+
+    def train_paths(self) -> list[str]:
+        return self.train_files or [EMBEDDED_SFT]
+
+    def build_samples(self, paths: list[str]) -> list[dict]:
+        tok, dropped = self.tokenizer, 0
+
+        def parse(loc, row):
+            nonlocal dropped
+            s = tokenize_chat(tok, parse_sft_row(loc, row, self.format, self.column_map), self.max_length)
+            dropped += s is None
+            return s
+        out = _collect(paths, parse, self.on_bad_row)
+        if dropped:
+            print(f"tokensel data: {dropped} samples had no response token left after max_length="
+                  f"{self.max_length} truncation and were dropped")
+        return out
+
+    def _wrap(self, samples):
+        base = TokenizedDataset(samples)
+        return PackedDataset(base, self.max_length) if self.packing else base
+
+    def _collate(self):
+        if not self.packing:
+            return super()._collate()
+        pad = self.tokenizer.pad_token_id
+        return packed_collate(pad if pad is not None else (self.tokenizer.eos_token_id or 0), self.max_length)
+
+
+class PretrainDataModule(TextDataModule):
+    """Pretraining text: plain text (one document per line, or whole file) or JSONL with a `text`
+    column, tokenized, joined with EOS and cut into fixed blocks of `max_length` tokens; every token
+    is labelled.
+
+    Args:
+        train_files: text / JSONL files. Empty = the embedded text (the GSM set's prompts and answers).
+        text_column: JSONL column holding the text.
+        (the rest: see `TextDataModule`).
+    """
+
+    def __init__(self, train_files: list[str] | None = None, text_column: str = "text", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.train_files = [train_files] if isinstance(train_files, str) else list(train_files or [])
+        self.text_column = text_column
+
+    def train_paths(self) -> list[str]:
+        return self.train_files or [EMBEDDED_SFT]
+
+    def build_samples(self, paths: list[str]) -> list[dict]:
+        tok = self.tokenizer
+        col = self.text_column
+
+        def parse(loc, row):
+            if not isinstance(row, dict):
+                raise DataError(f"{loc}: each row must be a JSON object, got {type(row).__name__}")
+            if paths == [EMBEDDED_SFT] and col not in row:
+                return row["prompt"] + "\n" + row["response"]
+            return _as_str(loc, row, "text", col)
+        texts = _collect(paths, parse, self.on_bad_row)
+        eos = tok.eos_token_id if tok.eos_token_id is not None else 0
+        stream: list[int] = []
+        for t in texts:
+            stream += list(tok(t, add_special_tokens=False)["input_ids"]) + [eos]
+        L = self.max_length
+        blocks = [stream[i: i + L] for i in range(0, len(stream) - L + 1, L)]
+        if not blocks:
+            raise DataError(f"{', '.join(paths)}: {len(stream)} tokens, fewer than one block of max_length={L}")
+        return [{"input_ids": b, "labels": list(b)} for b in blocks]

@@ -1,0 +1,332 @@
+"""`SelectiveLM`: causal-LM fine-tuning / pretraining where a selector decides which tokens train.
+
+One step (see DESIGN.md):
+    scoring pass (no grad; only for the statistics the selector `needs`)
+ -> sample triage (selectors that override `triage` drop whole samples before the trained forward)
+ -> trained forward -> last hidden states -> per-token (loss, entropy) through one linear-CE op
+ -> selector(TokenStats) -> weights w -> loss = sum(w * loss) / normaliser -> backward
+The LM head never materialises `[tokens, vocab]` logits: the op works on chunks of rows, and only the
+labelled rows are sent to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from tokensel.errors import ConfigError
+from tokensel.kernels import linear_cross_entropy
+from tokensel.losses import NORMALISERS, weighted_token_loss
+from tokensel.modules.base import TokenSelector, TokenStats
+from tokensel.modules.basic import FullSelection
+from tokensel.offline import TINY_TOKENIZER, resolve_model
+from tokensel.trainer.token_cache import TokenStatsCache
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class LoRA:
+    """LoRA adapters through peft.
+
+    Attributes:
+        r: rank. alpha: scaling numerator (scale = alpha / r). dropout: on the adapter input.
+        target_modules: module names, or "all-linear".
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | str = field(default="all-linear")
+
+
+def load_tokenizer(name: str | None):
+    """A tokenizer from a folder / hub id (resolved offline like models); None = the shipped tiny one."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(name) if name else TINY_TOKENIZER)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _unwrap(model):
+    """The transformers model under a peft wrapper, if any."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone_and_head(model):
+    """(decoder backbone returning last hidden states, LM-head weight [V, H], bias or None, softcap)."""
+    base = _unwrap(model)
+    backbone = getattr(base, base.base_model_prefix)
+    head = base.get_output_embeddings()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return backbone, head.weight, getattr(head, "bias", None), softcap
+
+
+class SelectiveLM(LightningModule):
+    """Causal LM trained on the tokens a selector picks.
+
+    Args:
+        model: hub id or local folder (`HuggingFaceTB/SmolLM2-135M-Instruct` resolves to the offline copy
+            when the hub is unreachable). Ignored when `model_config` is given.
+        model_config: build a fresh model from a config dict instead (e.g. `{model_type: llama,
+            hidden_size: 32, ...}`): tiny test models and pretraining from scratch.
+        tokenizer: tokenizer folder / id; default the model's own (the shipped tiny tokenizer with `model_config`).
+        selector: which tokens train (`FullSelection`, `RandomSelection`, `Rho1Selection`, ...).
+        normaliser: "selected" (mean over selected tokens), "valid" or "global_selected" (across ranks).
+        lora: LoRA settings, or null for full fine-tuning.
+        gradient_checkpointing: recompute activations in backward (less memory, ~30% more time).
+        reference_model: frozen reference model for `ref_loss` (Rho-1), loaded like `model`; "initial" =
+            a frozen copy of the starting weights.
+        reference_losses: or a cache of per-token reference losses (`TokenStatsCache` file).
+        history: source of `his_loss` (ssToken): "base" = the model with LoRA disabled, "cached" = `history_losses`.
+        history_losses: cache file for `history: cached`.
+        kernels: LM-head backend, "auto" | "triton" | "torch" (env TOKENSEL_KERNELS overrides).
+        chunk_size: rows per chunk in the torch LM-head op (memory vs. speed).
+        dtype: model weights dtype ("float32", "bfloat16", ...).
+        attn_implementation: "sdpa" (default) or "eager".
+    """
+
+    def __init__(self, model: str = "HuggingFaceTB/SmolLM2-135M-Instruct", model_config: dict | None = None,
+                 tokenizer: str | None = None, selector: TokenSelector | None = None,
+                 normaliser: Literal["selected", "valid", "global_selected"] = "selected",
+                 lora: LoRA | None = None, gradient_checkpointing: bool = False,
+                 reference_model: str | None = None, reference_losses: str | None = None,
+                 history: Literal["none", "base", "cached"] = "none", history_losses: str | None = None,
+                 kernels: Literal["auto", "triton", "torch"] = "auto", chunk_size: int = 2048,
+                 dtype: str = "float32", attn_implementation: str = "sdpa") -> None:
+        super().__init__()
+        if normaliser not in NORMALISERS:
+            raise ConfigError(f"model.normaliser={normaliser!r}: use one of {NORMALISERS}")
+        self.save_hyperparameters(ignore=["selector"])
+        self.selector = selector if selector is not None else FullSelection()
+        self.model_name, self.model_config = model, model_config
+        self.normaliser, self.kernels, self.chunk_size = normaliser, kernels, chunk_size
+        self.dtype_name, self.attn_implementation = dtype, attn_implementation
+        self.lora, self.history = lora, history
+        self.model = self._build_model()
+        self.tokenizer = load_tokenizer(tokenizer or (None if model_config else self._resolved_model))
+        self.reference = self._load_reference(reference_model) if reference_model else None
+        self.reference_cache = TokenStatsCache.load(reference_losses) if reference_losses else None
+        self.history_cache = TokenStatsCache.load(history_losses) if history_losses else None
+        self._check_selector_inputs()
+        # Frozen reference weights are rebuilt from the config on load, never stored in checkpoints.
+        self.checkpoint_skip_prefixes = ("reference.",)
+        self.strict_loading = False
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if lora is not None:
+                self.model.enable_input_require_grads()
+
+    # ------------------------------------------------------------------ building
+
+    def _torch_dtype(self):
+        try:
+            return getattr(torch, self.dtype_name)
+        except AttributeError:
+            raise ConfigError(f"model.dtype={self.dtype_name!r}: use float32, bfloat16 or float16") from None
+
+    def _build_model(self):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if self.model_config is not None:
+            cfg = dict(self.model_config)
+            kind = cfg.pop("model_type", None)
+            if kind is None:
+                raise ConfigError("model.model_config needs a model_type (e.g. llama, gpt2)")
+            config = AutoConfig.for_model(kind, **cfg)
+            config._attn_implementation = self.attn_implementation
+            torch.manual_seed(cfg.get("seed", 0))  # same init whatever came before: resumable, comparable
+            model = AutoModelForCausalLM.from_config(config, dtype=self._torch_dtype())
+            self._resolved_model = None
+        else:
+            self._resolved_model = resolve_model(self.model_name)
+            model = AutoModelForCausalLM.from_pretrained(self._resolved_model, dtype=self._torch_dtype(),
+                                                         attn_implementation=self.attn_implementation)
+        if self.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            cfg = LoraConfig(r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
+                             target_modules=self.lora.target_modules, task_type="CAUSAL_LM")
+            model = get_peft_model(model, cfg)
+        return model
+
+    def _load_reference(self, name: str):
+        from transformers import AutoModelForCausalLM
+
+        if name == "initial":  # a frozen snapshot of the starting weights (base model before fine-tuning)
+            ref = copy.deepcopy(_unwrap(self.model))
+            if self.lora is not None:
+                ref = copy.deepcopy(self.model).merge_and_unload()
+        else:
+            ref = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=self._torch_dtype())
+        ref.requires_grad_(False).eval()
+        return ref
+
+    def _check_selector_inputs(self) -> None:
+        needs = self.selector.needs
+        sel = type(self.selector).__name__
+        if "ref_loss" in needs and self.reference is None and self.reference_cache is None:
+            raise ConfigError(f"{sel} needs reference losses: set model.reference_model (a model folder / id) "
+                              "or model.reference_losses (a cached per-token loss file)")
+        if "his_loss" in needs:
+            if self.history == "base" and self.lora is None:
+                raise ConfigError(f"{sel}: model.history=base uses the model with LoRA disabled, so model.lora "
+                                  "must be set (or use history: cached with model.history_losses)")
+            if self.history == "cached" and self.history_cache is None:
+                raise ConfigError(f"{sel}: model.history=cached needs model.history_losses (a cache file)")
+            if self.history == "none":
+                raise ConfigError(f"{sel} needs history losses: set model.history to base or cached")
+
+    def configure_optimizers(self):
+        """Default AdamW on trainable parameters; recipes normally set `optimizer:` in the CLI instead."""
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-4)
+
+    # ------------------------------------------------------------------ per-token statistics
+
+    def token_stats(self, model, batch: dict, grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-token (loss, entropy, valid) `[B, T]` of `model` on `batch`; position t holds the loss of
+        predicting token t (so position 0 is never valid). Only labelled rows reach the LM head."""
+        labels = batch["labels"]
+        valid = labels != IGNORE
+        valid[:, 0] = False
+        backbone, weight, bias, softcap = backbone_and_head(model)
+        mask = batch.get("attention_mask_4d", batch.get("attention_mask"))
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask,
+                              position_ids=batch.get("position_ids")).last_hidden_state
+            b, t = valid.nonzero(as_tuple=True)
+            loss_r, ent_r, _ = linear_cross_entropy(hidden[b, t - 1], weight, labels[b, t], bias=bias,
+                                                    softcap=softcap, backend=self.kernels,
+                                                    chunk_size=self.chunk_size)
+        zeros = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        loss = zeros.index_put((b, t), loss_r)
+        entropy = zeros.index_put((b, t), ent_r.detach())
+        return loss, entropy, valid
+
+    def _cached(self, cache: TokenStatsCache, batch: dict) -> Tensor:
+        return cache.lookup(batch["sample_index"], batch["token_index"]).to(batch["labels"].device)
+
+    def pre_stats(self, batch: dict, needs: frozenset[str]) -> dict[str, Tensor]:
+        """No-grad statistics the selector needs before / beside the trained forward."""
+        out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            if "ref_loss" in needs:
+                out["ref_loss"] = (self._cached(self.reference_cache, batch) if self.reference_cache is not None
+                                   else self.token_stats(self.reference, batch, grad=False)[0])
+            if "his_loss" in needs:
+                if self.history == "cached":
+                    out["his_loss"] = self._cached(self.history_cache, batch)
+                else:
+                    with self.model.disable_adapter():
+                        out["his_loss"] = self.token_stats(self.model, batch, grad=False)[0]
+            if needs & {"score_loss", "score_entropy"}:
+                out["score_loss"], out["score_entropy"], _ = self.token_stats(self.model, batch, grad=False)
+        return out
+
+    # ------------------------------------------------------------------ the step
+
+    def selective_step(self, batch: dict) -> dict:
+        """Scoring pass -> triage -> trained forward -> selection -> weighted loss. Returns loss and logs."""
+        sel = self.selector
+        valid0 = batch["labels"] != IGNORE
+        valid0[:, 0] = False
+        stats = TokenStats(valid=valid0, sample_ids=batch.get("sample_index"), step=int(self.global_step),
+                           **self.pre_stats(batch, sel.needs | ({"score_loss", "score_entropy"} if sel.uses_triage
+                                                                  else frozenset())))
+        prior = None
+        n_samples = batch["labels"].shape[0]
+        if sel.uses_triage:
+            tri = sel.triage(stats)
+            keep = tri.keep_samples.nonzero().squeeze(1)
+            batch = {k: v[keep] for k, v in batch.items()}
+            stats = stats.subset(keep)
+            prior = tri.token_weights[keep] if tri.token_weights is not None else None
+        if batch["labels"].shape[0] == 0:  # every sample triaged away: nothing to forward
+            zero = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+            return {"loss": zero, "keep_ratio": 0.0, "samples_kept": 0.0, "full_loss": float("nan")}
+        loss_tok, entropy, valid = self.token_stats(self.model, batch, grad=True)
+        stats.loss, stats.entropy, stats.valid = loss_tok.detach(), entropy, valid
+        w = sel(stats)
+        if prior is not None:
+            w = w * prior
+        loss, denom = weighted_token_loss(loss_tok, w, valid, self.normaliser)
+        n_valid = valid0.sum().clamp_min(1)
+        return {"loss": loss, "keep_ratio": float((w > 0).sum() / n_valid), "selected": float(denom),
+                "samples_kept": batch["labels"].shape[0] / n_samples,
+                "full_loss": float(loss_tok.detach().sum() / valid.sum().clamp_min(1)),
+                "forward_tokens": int(batch["labels"].numel())}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self.selective_step(batch)
+        self.log("train/loss", out["loss"], prog_bar=True)
+        self.log("train/keep_ratio", out["keep_ratio"], prog_bar=True)
+        self.log("train/full_loss", out["full_loss"])
+        self.log("train/samples_kept", out["samples_kept"])
+        if self.trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.last_step_info = out
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Plain mean CE over every labelled token (selector-independent, so runs compare)."""
+        loss_tok, _, valid = self.token_stats(self.model, batch, grad=False)
+        n = valid.sum()
+        mean = loss_tok.sum() / n.clamp_min(1)
+        self.log("val/loss", mean, prog_bar=True, batch_size=int(n))
+        self.log("val/ppl", torch.exp(mean), batch_size=int(n))
+        self.log("val/token_acc", self._token_accuracy(batch, valid), batch_size=int(n))
+
+    def _token_accuracy(self, batch: dict, valid: Tensor) -> Tensor:
+        """Greedy next-token accuracy, argmax computed chunk by chunk (no full logits)."""
+        backbone, weight, bias, _ = backbone_and_head(self.model)
+        mask = batch.get("attention_mask_4d", batch.get("attention_mask"))
+        hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask,
+                          position_ids=batch.get("position_ids")).last_hidden_state
+        b, t = valid.nonzero(as_tuple=True)
+        h, y = hidden[b, t - 1], batch["labels"][b, t]
+        correct = sum(int(((h[s:s + 1024] @ weight.t() + (0 if bias is None else bias)).argmax(-1)
+                           == y[s:s + 1024]).sum()) for s in range(0, h.shape[0], 1024))
+        return torch.tensor(correct / max(1, h.shape[0]))
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[tuple[int, list[float]]]:
+        """Per-token losses per sample (for `TokenStatsWriter`: cached reference / history losses)."""
+        loss, _, _ = self.token_stats(self.model, batch, grad=False)
+        out = []
+        for b in range(loss.shape[0]):
+            idx = batch["sample_index"][b]
+            for s in idx[idx >= 0].unique().tolist():
+                pos = idx == s
+                vals = torch.zeros(int(batch["token_index"][b][pos].max()) + 1)
+                vals[batch["token_index"][b][pos]] = loss[b][pos].float().cpu()
+                out.append((int(s), vals.tolist()))
+        return out
+
+    # ------------------------------------------------------------------ checkpoints and export
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sd = checkpoint.get("state_dict", {})
+        for k in [k for k in sd if k.startswith(self.checkpoint_skip_prefixes)]:
+            del sd[k]
+
+    def export_hf(self, out_dir: str, adapter_only: bool = False, datamodule=None) -> None:
+        """Hugging Face folder: config, safetensors (sharded when large), generation config, tokenizer.
+        LoRA is merged unless `adapter_only` (then a PEFT adapter folder)."""
+        model = self.model
+        if adapter_only:
+            if self.lora is None:
+                raise ConfigError("--adapter_only needs a LoRA model (model.lora is null)")
+            model.save_pretrained(out_dir)
+        else:
+            if self.lora is not None:
+                model = copy.deepcopy(model).merge_and_unload()
+            model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="2GB")
+        self.tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,38 @@
+"""Shared fixtures. Tests run offline on CPU; the Triton interpreter is enabled for kernel tests in
+tests/kernels/conftest.py."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels are defined at import time; without a GPU they must be defined under the interpreter,
+# so the switch is set here, before any test module can import a kernel.
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    pass
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+TINY_LM = ROOT / "tests" / "integration" / "tiny" / "_lm.yaml"
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in a temporary folder (checkpoints/ lands there)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_cli(args, cwd, timeout=600, env=None):
+    """`python -m tokensel ARGS` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "tokensel", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)

@@ -1,0 +1,118 @@
+"""End-to-end checks of the causal-LM spine on a tiny model: export round trip in a process that does not
+import tokensel, exact resume, response-only training, clear CLI errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tokensel.cli import cli_main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "tests" / "integration" / "tiny" / "_lm.yaml"
+
+
+def _fit(recipe, *extra):
+    return cli_main(["fit", "--config", str(ROOT / "recipes" / recipe), "--config", str(TINY),
+                     "--trainer.logger", "false", *map(str, extra)])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_export_loads_in_plain_transformers_with_equal_logits(in_tmp, lora):
+    extra = [] if lora else ["--model.init_args.lora", "null"]
+    cli = _fit("rho1.yaml", "--trainer.max_steps", "3", *extra)
+    module = cli.model.eval()
+    ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = module.model(input_ids=ids).logits
+    torch.save({"ids": ids, "logits": want}, in_tmp / "want.pt")
+    cli_main(["export", "--config", str(ROOT / "recipes" / "rho1.yaml"), "--config", str(TINY), *extra,
+              "--ckpt_path", "last", "--out", str(in_tmp / "hf")])  # the export verb, as a user runs it
+    assert (in_tmp / "hf" / "model.safetensors").exists() and (in_tmp / "hf" / "tokenizer.json").exists()
+    assert not (in_tmp / "hf.tmp").exists()
+    code = (
+        "import sys, torch, transformers\n"
+        "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+        "d = torch.load(sys.argv[2])\n"
+        "with torch.no_grad(): got = m(input_ids=d['ids']).logits\n"
+        "assert 'tokensel' not in sys.modules\n"
+        "err = (got - d['logits']).abs().max().item(); print(err)\n"
+        "sys.exit(0 if err <= 1e-5 else 1)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(in_tmp / "hf"), str(in_tmp / "want.pt")],
+                       capture_output=True, text=True, cwd=in_tmp)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_adapter_only_export_is_a_peft_folder(in_tmp):
+    _fit("sft.yaml", "--trainer.max_steps", "1")
+    cli_main(["export", "--config", str(ROOT / "recipes" / "sft.yaml"), "--config", str(TINY),
+              "--ckpt_path", "last", "--out", str(in_tmp / "ad"), "--adapter_only", "true"])
+    cfg = json.loads((in_tmp / "ad" / "adapter_config.json").read_text())
+    assert cfg["r"] == 16 and (in_tmp / "ad" / "adapter_model.safetensors").exists()
+
+
+def _losses(cli_args, ckpt_path=None, crash_at=None):
+    from lightning.pytorch.callbacks import Callback
+
+    rec = []
+
+    class Rec(Callback):
+        def on_train_batch_end(self, trainer, module, *a):
+            rec.append((trainer.global_step, float(module.last_step_info["loss"])))
+            if trainer.global_step == crash_at:
+                raise RuntimeError("simulated crash")  # after the step-4 checkpoint; nothing more is saved
+
+    cli = cli_main(["--config", str(ROOT / "recipes" / "random.yaml"), "--config", str(TINY),
+                    "--trainer.logger", "false", "--data.init_args.batch_size", "3",
+                    "--data.init_args.max_samples", "20", "--trainer.max_steps", "10",
+                    "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0",
+                    "--trainer.save_every_n_steps", "4", *cli_args], run=False)
+    cli.trainer.callbacks.append(Rec())
+    if crash_at is None:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    else:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    return rec
+
+
+def test_resume_after_a_crash_gives_the_same_losses(in_tmp):
+    # 19 train samples / batch 3 = 7 batches per epoch; checkpoint at step 4 (mid-epoch 0) and 8 (epoch 1),
+    # crash at step 6, resume from last.ckpt (step 4) to step 10: LoRA dropout, random masks and data order
+    # must all continue exactly.
+    full = _losses(["--run_name", "full"])
+    _losses(["--run_name", "part"], crash_at=6)
+    resumed = _losses(["--run_name", "part"], ckpt_path="checkpoints/part/last.ckpt")
+    assert [s for s, _ in resumed] == list(range(5, 11))
+    torch.testing.assert_close([v for _, v in resumed], [v for s, v in full if s > 4], rtol=0, atol=1e-6)
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "tokensel", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_unknown_selector_lists_known_ones(in_tmp):
+    r = _cli(["fit", "--config", str(ROOT / "recipes" / "sft.yaml"), "--config", str(TINY),
+              "--model.init_args.selector", "Rho2Selection"], in_tmp)
+    assert r.returncode != 0
+    assert "Rho2Selection" in r.stderr and "Rho1Selection" in r.stderr and "RandomSelection" in r.stderr
+
+
+def test_bad_data_row_stops_with_file_and_line(in_tmp):
+    bad = in_tmp / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": ""}\n')
+    r = _cli(["fit", "--config", str(ROOT / "recipes" / "sft.yaml"), "--config", str(TINY),
+              "--data.init_args.train_files", f"[{bad}]"], in_tmp)
+    assert r.returncode == 2
+    assert f"error: {bad}:2: empty response" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_config_value_is_one_clear_line(in_tmp):
+    r = _cli(["fit", "--config", str(ROOT / "recipes" / "sft.yaml"), "--config", str(TINY),
+              "--data.init_args.on_bad_row", "ignore"], in_tmp)
+    assert r.returncode != 0 and "on_bad_row" in r.stderr and "Traceback" not in r.stderr
