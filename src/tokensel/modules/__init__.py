@@ -4,8 +4,12 @@ name them by short class name (`class_path: Rho1Selection`)."""
 from tokensel.modules.base import KNOWN_STATS, TokenSelector, TokenStats, Triage, topk_mask
 from tokensel.modules.basic import FullSelection, RandomSelection
 from tokensel.modules.rho1 import Rho1Selection
+from tokensel.modules.sstoken import SsTokenSelection
+from tokensel.modules.eslm import AdaEslmSelection, EslmSelection
+from tokensel.modules.qtuning import QTuningSelection
 
 __all__ = [
     "KNOWN_STATS", "TokenSelector", "TokenStats", "Triage", "topk_mask",
     "FullSelection", "RandomSelection", "Rho1Selection",
+    "SsTokenSelection", "EslmSelection", "AdaEslmSelection", "QTuningSelection",
 ]

@@ -23,7 +23,8 @@ class RandomSelection(TokenSelector):
     Args:
         k: keep ratio in [0, 1].
         seed: the random stream is `seed + step`, so a resumed run draws the same masks.
-        scope: "batch" (one ranking over the micro-batch) or "sample" (per row).
+        scope: "batch" (one ranking over the micro-batch), "sample" (per row) or "global" (one draw and
+            ranking over the global batch of all data-parallel ranks).
     """
 
     needs = frozenset()
@@ -36,5 +37,17 @@ class RandomSelection(TokenSelector):
 
     def select(self, stats: TokenStats) -> Tensor:
         g = torch.Generator().manual_seed(self.seed + int(stats.step))
-        score = torch.rand(stats.valid.shape, generator=g).to(stats.valid.device)
+        if self.scope == "global":
+            # One draw per valid token of the *global* batch, in global order (rank 0's rows first), so
+            # W ranks holding B rows each keep exactly the tokens one process holding W * B rows keeps,
+            # whatever the padding.
+            from tokensel.modules.base import _gather_global
+
+            valid = stats.valid.bool()
+            _, all_v, off = _gather_global(torch.zeros(valid.shape, device=valid.device), valid)
+            before, mine = int(all_v[:off].sum()), int(valid.sum())
+            draw = torch.rand(int(all_v.sum()), generator=g)[before: before + mine]
+            score = torch.zeros(valid.shape).masked_scatter(valid.cpu(), draw).to(valid.device)
+        else:
+            score = torch.rand(stats.valid.shape, generator=g).to(stats.valid.device)
         return self.topk_mask(score, stats.valid, self.k)

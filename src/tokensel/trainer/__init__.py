@@ -2,5 +2,11 @@
 `class_path` in recipes."""
 
 from tokensel.trainer.base_trainer import TokenselTrainer
+from tokensel.trainer.data import PretrainDataModule, SFTDataModule
+from tokensel.trainer.lm import LoRA, SelectiveLM
+from tokensel.trainer.strategies import CPUDeepSpeedStrategy  # noqa: F401
+from tokensel.trainer.token_cache import TokenStatsCache, TokenStatsWriter
+from tokensel.trainer.report import SelectionReport  # noqa: F401
 
-__all__ = ["TokenselTrainer"]
+__all__ = ["TokenselTrainer", "SFTDataModule", "PretrainDataModule", "SelectiveLM", "LoRA", "TokenStatsCache",
+           "TokenStatsWriter"]

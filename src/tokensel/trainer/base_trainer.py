@@ -41,6 +41,8 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self.save_last and self._last_global_step_saved < trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if trainer.is_global_zero and self.last_model_path:
+            print(f"tokensel: step {trainer.global_step}; checkpoint: {Path(self.last_model_path).resolve()}")
 
 
 class RNGState(Callback):
@@ -87,7 +89,15 @@ class TokenselTrainer(Trainer):
     * `export(...)` is the `trainer export` verb.
     """
 
-    def __init__(self, *args, save_every_n_steps: int | None = None, **kwargs) -> None:
+    def __init__(self, *args, save_every_n_steps: int | None = None, use_distributed_sampler: bool = False,
+                 **kwargs) -> None:
+        # Our ResumableSampler shards each global batch across ranks itself (see data.py); Lightning's
+        # DistributedSampler wrapping would reorder it, so it is off by default.
+        kwargs["use_distributed_sampler"] = use_distributed_sampler
+        from tokensel.trainer.strategies import cpu_strategy_for
+
+        if "strategy" in kwargs:  # DeepSpeed on the CPU needs our CPU-capable subclass
+            kwargs["strategy"] = cpu_strategy_for(kwargs["strategy"], kwargs.get("accelerator", "auto"))
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if kwargs.get("enable_checkpointing", True) is not False and not any(
                 isinstance(c, ModelCheckpoint) for c in callbacks):
@@ -102,7 +112,10 @@ class TokenselTrainer(Trainer):
             callbacks.append(RNGState())
         plugins = list(kwargs.pop("plugins", None) or [])
         strategy = kwargs.get("strategy", "auto")
-        if isinstance(strategy, str) and "deepspeed" not in strategy and not any(
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if (("deepspeed" not in strategy) if isinstance(strategy, str) else not isinstance(
+                strategy, DeepSpeedStrategy)) and not any(
                 isinstance(p, TorchCheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         super().__init__(*args, callbacks=callbacks, plugins=plugins or None, **kwargs)

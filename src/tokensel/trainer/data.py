@@ -203,14 +203,21 @@ class TokenizedDataset(Dataset):
 
 
 class ResumableSampler(Sampler[int]):
-    """Seeded per-epoch permutation that can start mid-epoch.
+    """Seeded per-epoch permutation that can start mid-epoch, sharded across data-parallel ranks.
 
     The module stores (epoch, batches done) in its checkpoints and calls `fast_forward` on resume, so a
     resumed run sees exactly the batches an uninterrupted run would have seen.
+
+    With `world_size` W > 1 every rank draws the same permutation and cuts it into global batches of
+    `batch_size * W`; rank r takes the r-th `batch_size` slice of each. So W processes with batch size B see
+    exactly the global batches of one process with batch size W * B (the 1-process run's batch g is the
+    concatenation of the ranks' batches g). The permutation is padded by wrapping around to a whole number
+    of global batches, so every rank runs the same number of steps (no rank waits forever in a collective).
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int, batch_size: int):
+    def __init__(self, n: int, shuffle: bool, seed: int, batch_size: int, rank: int = 0, world_size: int = 1):
         self.n, self.shuffle, self.seed, self.batch_size = n, shuffle, seed, batch_size
+        self.rank, self.world_size = rank, max(1, world_size)
         self.epoch, self.skip_batches = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -219,14 +226,28 @@ class ResumableSampler(Sampler[int]):
     def fast_forward(self, epoch: int, batches_done: int) -> None:
         self.epoch, self.skip_batches = epoch, batches_done
 
-    def __iter__(self):
+    def _order(self) -> list[int]:
         order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
                  if self.shuffle else list(range(self.n)))
+        if self.world_size == 1:
+            return order
+        gb = self.batch_size * self.world_size
+        total = -(-self.n // gb) * gb
+        order = (order * (-(-total // max(1, self.n))))[:total]  # wrap around: equal steps on every rank
+        mine = []
+        for g in range(0, total, gb):
+            mine += order[g + self.rank * self.batch_size: g + (self.rank + 1) * self.batch_size]
+        return mine
+
+    def __iter__(self):
+        order = self._order()
         start, self.skip_batches = self.skip_batches * self.batch_size, 0
         return iter(order[start:])
 
     def __len__(self) -> int:
-        return self.n
+        if self.world_size == 1:
+            return self.n
+        return -(-self.n // (self.batch_size * self.world_size)) * self.batch_size
 
 
 def pad_collate(pad_id: int):
@@ -382,18 +403,29 @@ class TextDataModule(LightningDataModule):
         if self.trainer is None:
             return {}
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self.trainer.current_epoch, "batches_done": int(done)}
+        # samples_done (global, all ranks) lets a run resume under another world size / batch size
+        return {"epoch": self.trainer.current_epoch, "batches_done": int(done),
+                "samples_done": int(done) * self.batch_size * self.trainer.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = state
 
     def train_dataloader(self) -> DataLoader:
-        self.sampler = ResumableSampler(len(self.train_set), self.shuffle, self.seed, self.batch_size)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.sampler = ResumableSampler(len(self.train_set), self.shuffle, self.seed, self.batch_size, rank, world)
         resume = getattr(self, "_resume", None)
         if resume:
-            n_batches = -(-len(self.train_set) // self.batch_size)
-            if resume["batches_done"] < n_batches:  # a finished epoch resumes at the next one's start
-                self.sampler.fast_forward(resume["epoch"], resume["batches_done"])
+            n_batches = -(-len(self.sampler) // self.batch_size)
+            done = resume["batches_done"]
+            if "samples_done" in resume:  # in this run's global batches (world size may have changed)
+                gb = self.batch_size * world
+                done = resume["samples_done"] // gb
+                if resume["samples_done"] % gb:
+                    print(f"tokensel data: resuming at sample {resume['samples_done']}, not a multiple of the "
+                          f"global batch {gb}; starting from sample {done * gb} of the epoch")
+            if done < n_batches:  # a finished epoch resumes at the next one's start
+                self.sampler.fast_forward(resume["epoch"], done)
             self._resume = None
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler,
                           collate_fn=self._collate(), num_workers=self.num_workers, drop_last=False)
@@ -476,7 +508,9 @@ class PretrainDataModule(TextDataModule):
         self.text_column = text_column
 
     def train_paths(self) -> list[str]:
-        return self.train_files or [EMBEDDED_SFT]
+        from tokensel.offline import resolve_text_file  # `embedded:shakespeare` / `embedded:wiki`
+
+        return [resolve_text_file(p) for p in self.train_files] or [EMBEDDED_SFT]
 
     def build_samples(self, paths: list[str]) -> list[dict]:
         tok = self.tokenizer

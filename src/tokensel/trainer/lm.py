@@ -11,6 +11,7 @@ labelled rows are sent to it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -23,9 +24,13 @@ from torch import Tensor
 from tokensel.errors import ConfigError
 from tokensel.kernels import linear_cross_entropy
 from tokensel.losses import NORMALISERS, weighted_token_loss
+from tokensel.losses.distill import Distill, token_kl
+from tokensel.modules.attention_probe import AttentionProbe
 from tokensel.modules.base import TokenSelector, TokenStats
 from tokensel.modules.basic import FullSelection
-from tokensel.offline import TINY_TOKENIZER, resolve_model
+from tokensel.offline import TINY_TOKENIZER, resolve_model, resolve_tokenizer
+from tokensel.trainer.report import SelectionReport
+from tokensel.trainer.strategies import call_in_module, gathered
 from tokensel.trainer.token_cache import TokenStatsCache
 
 log = logging.getLogger(__name__)
@@ -51,7 +56,7 @@ def load_tokenizer(name: str | None):
     """A tokenizer from a folder / hub id (resolved offline like models); None = the shipped tiny one."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(name) if name else TINY_TOKENIZER)
+    tok = AutoTokenizer.from_pretrained(resolve_tokenizer(name) if name else TINY_TOKENIZER)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -87,8 +92,14 @@ class SelectiveLM(LightningModule):
         reference_model: frozen reference model for `ref_loss` (Rho-1), loaded like `model`; "initial" =
             a frozen copy of the starting weights.
         reference_losses: or a cache of per-token reference losses (`TokenStatsCache` file).
-        history: source of `his_loss` (ssToken): "base" = the model with LoRA disabled, "cached" = `history_losses`.
+        history: source of `his_loss` (ssToken): "base" = the model with LoRA disabled, "ema" = an EMA copy of
+            the trainable weights (updated after each optimizer step), "cached" = `history_losses`.
+        ema_decay: decay of the EMA history (`history: ema`): his <- decay * his + (1 - decay) * theta.
         history_losses: cache file for `history: cached`.
+        distill: knowledge distillation (ESLM-KD): the per-token loss trained (and seen by the selector as
+            `loss`) becomes alpha * KL(teacher || student) + (1 - alpha) * CE; null = plain CE.
+        report: a `SelectionReport` callback (HTML of kept tokens + keep-ratio / score plots), attached
+            through `configure_callbacks`; null = none.
         kernels: LM-head backend, "auto" | "triton" | "torch" (env TOKENSEL_KERNELS overrides).
         chunk_size: rows per chunk in the torch LM-head op (memory vs. speed).
         dtype: model weights dtype ("float32", "bfloat16", ...).
@@ -100,13 +111,16 @@ class SelectiveLM(LightningModule):
                  normaliser: Literal["selected", "valid", "global_selected"] = "selected",
                  lora: LoRA | None = None, gradient_checkpointing: bool = False,
                  reference_model: str | None = None, reference_losses: str | None = None,
-                 history: Literal["none", "base", "cached"] = "none", history_losses: str | None = None,
+                 history: Literal["none", "base", "ema", "cached"] = "none", history_losses: str | None = None,
+                 ema_decay: float = 0.999, distill: Distill | None = None,
+                 report: SelectionReport | None = None,
                  kernels: Literal["auto", "triton", "torch"] = "auto", chunk_size: int = 2048,
                  dtype: str = "float32", attn_implementation: str = "sdpa") -> None:
         super().__init__()
         if normaliser not in NORMALISERS:
             raise ConfigError(f"model.normaliser={normaliser!r}: use one of {NORMALISERS}")
-        self.save_hyperparameters(ignore=["selector"])
+        self.save_hyperparameters(ignore=["selector", "report"])
+        self.report = report
         self.selector = selector if selector is not None else FullSelection()
         self.model_name, self.model_config = model, model_config
         self.normaliser, self.kernels, self.chunk_size = normaliser, kernels, chunk_size
@@ -117,9 +131,15 @@ class SelectiveLM(LightningModule):
         self.reference = self._load_reference(reference_model) if reference_model else None
         self.reference_cache = TokenStatsCache.load(reference_losses) if reference_losses else None
         self.history_cache = TokenStatsCache.load(history_losses) if history_losses else None
+        if not 0.0 <= ema_decay < 1.0:
+            raise ConfigError(f"model.ema_decay={ema_decay} must lie in [0, 1)")
+        self.ema_decay, self.distill = ema_decay, distill
+        self._ema: dict[str, Tensor] | None = None
+        self._ema_step = 0
+        self.teacher = self._load_reference(distill.teacher) if distill is not None else None
         self._check_selector_inputs()
         # Frozen reference weights are rebuilt from the config on load, never stored in checkpoints.
-        self.checkpoint_skip_prefixes = ("reference.",)
+        self.checkpoint_skip_prefixes = ("reference.", "teacher.")
         self.strict_loading = False
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -184,7 +204,10 @@ class SelectiveLM(LightningModule):
             if self.history == "cached" and self.history_cache is None:
                 raise ConfigError(f"{sel}: model.history=cached needs model.history_losses (a cache file)")
             if self.history == "none":
-                raise ConfigError(f"{sel} needs history losses: set model.history to base or cached")
+                raise ConfigError(f"{sel} needs history losses: set model.history to base, ema or cached")
+
+    def configure_callbacks(self):
+        return [self.report] if self.report is not None else []
 
     def configure_optimizers(self):
         """Default AdamW on trainable parameters; recipes normally set `optimizer:` in the CLI instead."""
@@ -192,9 +215,11 @@ class SelectiveLM(LightningModule):
 
     # ------------------------------------------------------------------ per-token statistics
 
-    def token_stats(self, model, batch: dict, grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def token_stats(self, model, batch: dict, grad: bool, rows_out: dict | None = None
+                    ) -> tuple[Tensor, Tensor, Tensor]:
         """Per-token (loss, entropy, valid) `[B, T]` of `model` on `batch`; position t holds the loss of
-        predicting token t (so position 0 is never valid). Only labelled rows reach the LM head."""
+        predicting token t (so position 0 is never valid). Only labelled rows reach the LM head.
+        `rows_out`, if given, receives the labelled rows' hidden states and their (b, t) indices."""
         labels = batch["labels"]
         valid = labels != IGNORE
         valid[:, 0] = False
@@ -204,9 +229,13 @@ class SelectiveLM(LightningModule):
             hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask,
                               position_ids=batch.get("position_ids")).last_hidden_state
             b, t = valid.nonzero(as_tuple=True)
-            loss_r, ent_r, _ = linear_cross_entropy(hidden[b, t - 1], weight, labels[b, t], bias=bias,
-                                                    softcap=softcap, backend=self.kernels,
-                                                    chunk_size=self.chunk_size)
+            # ZeRO-3: run the fused op inside the head module's call, so DeepSpeed gathers the sharded head
+            # weight for it and again for its backward (a no-op wrapper otherwise)
+            loss_r, ent_r, _ = call_in_module(_unwrap(model).get_output_embeddings(), linear_cross_entropy,
+                                              hidden[b, t - 1], weight, labels[b, t], bias=bias,
+                                              softcap=softcap, backend=self.kernels, chunk_size=self.chunk_size)
+            if rows_out is not None:
+                rows_out.update(hidden=hidden[b, t - 1], b=b, t=t)
         zeros = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
         loss = zeros.index_put((b, t), loss_r)
         entropy = zeros.index_put((b, t), ent_r.detach())
@@ -225,6 +254,9 @@ class SelectiveLM(LightningModule):
             if "his_loss" in needs:
                 if self.history == "cached":
                     out["his_loss"] = self._cached(self.history_cache, batch)
+                elif self.history == "ema":
+                    with self._ema_weights():
+                        out["his_loss"] = self.token_stats(self.model, batch, grad=False)[0]
                 else:
                     with self.model.disable_adapter():
                         out["his_loss"] = self.token_stats(self.model, batch, grad=False)[0]
@@ -253,11 +285,24 @@ class SelectiveLM(LightningModule):
         if batch["labels"].shape[0] == 0:  # every sample triaged away: nothing to forward
             zero = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
             return {"loss": zero, "keep_ratio": 0.0, "samples_kept": 0.0, "full_loss": float("nan")}
-        loss_tok, entropy, valid = self.token_stats(self.model, batch, grad=True)
+        probe = AttentionProbe(self.model, getattr(sel, "attn_layer", -1)) if "attn_prompt" in sel.needs else None
+        rows: dict | None = {} if self.distill is not None else None
+        with probe if probe is not None else contextlib.nullcontext():
+            loss_tok, entropy, valid = self.token_stats(self.model, batch, grad=True, rows_out=rows)
+        if probe is not None:  # one layer's attention recomputed without grad; the forward kept SDPA
+            stats.attn_prompt = probe.prompt_mass(batch["labels"], batch.get("attention_mask"),
+                                                  batch.get("sample_index"))
+        if self.distill is not None:
+            loss_tok = self._distill_token_loss(batch, loss_tok, rows)
         stats.loss, stats.entropy, stats.valid = loss_tok.detach(), entropy, valid
         w = sel(stats)
         if prior is not None:
             w = w * prior
+        score = getattr(sel, "last_score", None)
+        if not (isinstance(score, Tensor) and score.shape == w.shape):
+            score = stats.loss
+        self.last_selection = {"input_ids": batch["input_ids"], "valid": valid, "weights": w.detach(),
+                               "score": score.detach()}
         loss, denom = weighted_token_loss(loss_tok, w, valid, self.normaliser)
         n_valid = valid0.sum().clamp_min(1)
         return {"loss": loss, "keep_ratio": float((w > 0).sum() / n_valid), "selected": float(denom),
@@ -265,9 +310,64 @@ class SelectiveLM(LightningModule):
                 "full_loss": float(loss_tok.detach().sum() / valid.sum().clamp_min(1)),
                 "forward_tokens": int(batch["labels"].numel())}
 
+    def _distill_token_loss(self, batch: dict, ce: Tensor, rows: dict) -> Tensor:
+        """alpha * KL(teacher || student) + (1 - alpha) * CE per labelled token `[B, T]` (differentiable)."""
+        d = self.distill
+        b, t = rows["b"], rows["t"]
+        _, weight, bias, _ = backbone_and_head(self.model)
+        t_backbone, t_weight, t_bias, _ = backbone_and_head(self.teacher)
+        mask = batch.get("attention_mask_4d", batch.get("attention_mask"))
+        with torch.no_grad():
+            t_hidden = t_backbone(input_ids=batch["input_ids"], attention_mask=mask,
+                                  position_ids=batch.get("position_ids")).last_hidden_state[b, t - 1]
+        kd = token_kl(rows["hidden"], weight, t_hidden, t_weight, d.temperature, d.chunk_size, bias, t_bias)
+        kd_full = torch.zeros(ce.shape, dtype=kd.dtype, device=ce.device).index_put((b, t), kd)
+        return d.alpha * kd_full + (1 - d.alpha) * ce
+
+    # ------------------------------------------------------------------ EMA history (ssToken Eq. 4)
+
+    def _ema_state(self) -> dict[str, Tensor]:
+        if self._ema is None:
+            self._ema = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return self._ema
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """Swap the EMA copy into the trainable weights (no grad), then restore them."""
+        ema = self._ema_state()
+        params = dict(self.model.named_parameters())
+        saved = {}
+        with torch.no_grad():
+            for n, v in ema.items():
+                saved[n] = params[n].detach().clone()
+                params[n].copy_(v.to(params[n].device))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    params[n].copy_(v)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """After an optimizer step: his <- decay * his + (1 - decay) * theta (history: ema)."""
+        if self.history != "ema" or int(self.global_step) == self._ema_step:
+            return
+        self._ema_step = int(self.global_step)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, v in self._ema_state().items():
+                v.mul_(self.ema_decay).add_(params[n].detach().to(v.device), alpha=1 - self.ema_decay)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "ema_history" in checkpoint:
+            self._ema = {k: v.clone() for k, v in checkpoint["ema_history"]["weights"].items()}
+            self._ema_step = int(checkpoint["ema_history"]["step"])
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.selective_step(batch)
-        self.log("train/loss", out["loss"], prog_bar=True)
+        # sync_dist: with data parallelism the logged loss is the mean over ranks (the global batch's loss
+        # under normaliser global_selected), not rank 0's share
+        self.log("train/loss", out["loss"], prog_bar=True, sync_dist=True)
         self.log("train/keep_ratio", out["keep_ratio"], prog_bar=True)
         self.log("train/full_loss", out["full_loss"])
         self.log("train/samples_kept", out["samples_kept"])
@@ -293,8 +393,9 @@ class SelectiveLM(LightningModule):
                           position_ids=batch.get("position_ids")).last_hidden_state
         b, t = valid.nonzero(as_tuple=True)
         h, y = hidden[b, t - 1], batch["labels"][b, t]
-        correct = sum(int(((h[s:s + 1024] @ weight.t() + (0 if bias is None else bias)).argmax(-1)
-                           == y[s:s + 1024]).sum()) for s in range(0, h.shape[0], 1024))
+        with gathered(weight, bias):  # ZeRO-3: the full head weight (no grad here)
+            correct = sum(int(((h[s:s + 1024] @ weight.t() + (0 if bias is None else bias)).argmax(-1)
+                               == y[s:s + 1024]).sum()) for s in range(0, h.shape[0], 1024))
         return torch.tensor(correct / max(1, h.shape[0]))
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[tuple[int, list[float]]]:
@@ -316,6 +417,9 @@ class SelectiveLM(LightningModule):
         sd = checkpoint.get("state_dict", {})
         for k in [k for k in sd if k.startswith(self.checkpoint_skip_prefixes)]:
             del sd[k]
+        if self._ema is not None:
+            checkpoint["ema_history"] = {"weights": {k: v.detach().cpu() for k, v in self._ema.items()},
+                                         "step": self._ema_step}
 
     def export_hf(self, out_dir: str, adapter_only: bool = False, datamodule=None) -> None:
         """Hugging Face folder: config, safetensors (sharded when large), generation config, tokenizer.
