@@ -31,7 +31,8 @@ def test_export_loads_in_plain_transformers_with_equal_logits(in_tmp, lora):
     torch.save({"ids": ids, "logits": want}, in_tmp / "want.pt")
     cli_main(["export", "--config", str(ROOT / "recipes" / "rho1.yaml"), "--config", str(TINY), *extra,
               "--ckpt_path", "last", "--out", str(in_tmp / "hf")])  # the export verb, as a user runs it
-    assert (in_tmp / "hf" / "model.safetensors").exists() and (in_tmp / "hf" / "tokenizer.json").exists()
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+        assert (in_tmp / "hf" / name).exists(), name
     assert not (in_tmp / "hf.tmp").exists()
     code = (
         "import sys, torch, transformers\n"

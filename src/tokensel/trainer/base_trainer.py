@@ -120,6 +120,22 @@ class TokenselTrainer(Trainer):
             plugins.append(AtomicCheckpointIO())
         super().__init__(*args, callbacks=callbacks, plugins=plugins or None, **kwargs)
 
+    def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None,
+            **kwargs):
+        """`Trainer.fit`, refusing (with what to do) a resume the checkpoint format cannot honour, such as a
+        DeepSpeed ZeRO checkpoint under another world size."""
+        from tokensel.trainer.strategies import check_resume
+
+        if ckpt_path is not None:
+            path = ckpt_path
+            if ckpt_path in ("last", "best"):
+                try:
+                    path = resolve_ckpt_path(ckpt_path, self.default_root_dir)
+                except TokenselError:
+                    path = None  # Lightning reports a missing last / best itself
+            check_resume(path, self.strategy, self.world_size)
+        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+
     def export(self, model: LightningModule, datamodule: LightningDataModule | None = None,
                ckpt_path: str | None = None, out: str = "exported", adapter_only: bool = False) -> str:
         """Write a Hugging Face folder from a checkpoint.
@@ -170,7 +186,8 @@ def resolve_ckpt_path(ckpt_path: str, root: str) -> str:
 def load_checkpoint_into(model: LightningModule, path: str) -> None:
     """Load a Lightning `.ckpt` file, or a DeepSpeed checkpoint directory, into `model`."""
     if Path(path).is_dir():
-        from lightning.pytorch.utilities.deepspeed import get_fp32_state_dict_from_zero_checkpoint
+        # ZeRO shards (any stage, any number of ranks) consolidated to fp32 in this one process
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(path)
         state = {k.removeprefix("_forward_module."): v for k, v in state.items()}

@@ -144,3 +144,52 @@ def call_in_module(module, fn, *args, **kwargs):
         return module(*args, **kwargs)
     finally:
         del module.forward
+
+
+def deepspeed_checkpoint_world_size(path) -> int | None:
+    """Data-parallel world size a DeepSpeed checkpoint folder was written with (None: not such a folder)."""
+    from pathlib import Path
+
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    shards = list(root.glob("**/*_optim_states.pt"))
+    return len(shards) or None
+
+
+def check_resume(ckpt_path, strategy, world_size: int) -> None:
+    """Refuse, with what to do instead, a resume the checkpoint format cannot honour.
+
+    * DDP / single-process `.ckpt` files hold full weights and optimizer state: any world size works (the data
+      sampler re-shards the remaining samples of the epoch).
+    * A DeepSpeed ZeRO folder holds per-rank shards: it resumes only with the world size that wrote it, and only
+      under DeepSpeed.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from tokensel.errors import TokenselError
+
+    if ckpt_path is None:
+        return
+    saved = deepspeed_checkpoint_world_size(ckpt_path)
+    is_ds = isinstance(strategy, DeepSpeedStrategy)
+    if saved is not None and not is_ds:
+        raise TokenselError(
+            f"--ckpt_path {ckpt_path} is a DeepSpeed ZeRO checkpoint folder but this run does not use DeepSpeed. "
+            "Resume with the same configs/deepspeed/*.yaml, or consolidate it into a plain checkpoint first: "
+            f"`python -m lightning.pytorch.utilities.deepspeed {ckpt_path} consolidated.ckpt` and start from its "
+            "weights (optimizer state is not carried over)")
+    if saved is not None and saved != world_size:
+        raise TokenselError(
+            f"--ckpt_path {ckpt_path} was written by {saved} DeepSpeed ranks but this run has {world_size} "
+            f"(num_nodes x devices). ZeRO shards cannot be re-split: resume with {saved} processes in total, or "
+            f"consolidate (`python -m lightning.pytorch.utilities.deepspeed {ckpt_path} consolidated.ckpt`) and "
+            "start a new run from those weights")
+    if saved is None and is_ds and ckpt_path is not None and str(ckpt_path).endswith(".ckpt"):
+        from pathlib import Path
+
+        if Path(ckpt_path).is_file():
+            raise TokenselError(
+                f"--ckpt_path {ckpt_path} is a plain (DDP / single-process) checkpoint file; DeepSpeed resumes only "
+                "from its own checkpoint folders. Resume without configs/deepspeed/*.yaml (any world size works), "
+                "or start the DeepSpeed run from the weights (trainer export, then model.model: <export folder>)")
