@@ -135,6 +135,7 @@ class SelectiveLM(LightningModule):
             raise ConfigError(f"model.ema_decay={ema_decay} must lie in [0, 1)")
         self.ema_decay, self.distill = ema_decay, distill
         self._ema: dict[str, Tensor] | None = None
+        self._window_selected = 0.0  # selected weight of the current optimizer step (global_selected)
         self._ema_step = 0
         self.teacher = self._load_reference(distill.teacher) if distill is not None else None
         self._check_selector_inputs()
@@ -284,7 +285,8 @@ class SelectiveLM(LightningModule):
             prior = tri.token_weights[keep] if tri.token_weights is not None else None
         if batch["labels"].shape[0] == 0:  # every sample triaged away: nothing to forward
             zero = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
-            return {"loss": zero, "keep_ratio": 0.0, "samples_kept": 0.0, "full_loss": float("nan")}
+            return {"loss": zero, "shown_loss": zero.detach(), "keep_ratio": 0.0, "samples_kept": 0.0,
+                    "full_loss": float("nan"), "forward_tokens": 0}
         probe = AttentionProbe(self.model, getattr(sel, "attn_layer", -1)) if "attn_prompt" in sel.needs else None
         rows: dict | None = {} if self.distill is not None else None
         with probe if probe is not None else contextlib.nullcontext():
@@ -303,12 +305,50 @@ class SelectiveLM(LightningModule):
             score = stats.loss
         self.last_selection = {"input_ids": batch["input_ids"], "valid": valid, "weights": w.detach(),
                                "score": score.detach()}
-        loss, denom = weighted_token_loss(loss_tok, w, valid, self.normaliser)
+        if self._step_normalised():
+            # divided by the optimizer step's selected total in on_before_optimizer_step (unknown until then)
+            loss, denom = (w * loss_tok).sum(), w.sum().detach()
+            self._window_selected += float(denom)
+            # shown: this micro-batch normalised by its count over ranks (mean over ranks = the global loss)
+            shown = weighted_token_loss(loss_tok.detach(), w.detach(), valid, "global_selected")[0]
+        else:
+            loss, denom = weighted_token_loss(loss_tok, w, valid, self.normaliser)
+            shown = loss.detach()
         n_valid = valid0.sum().clamp_min(1)
-        return {"loss": loss, "keep_ratio": float((w > 0).sum() / n_valid), "selected": float(denom),
+        return {"loss": loss, "shown_loss": shown, "keep_ratio": float((w > 0).sum() / n_valid), "selected": float(denom),
                 "samples_kept": batch["labels"].shape[0] / n_samples,
                 "full_loss": float(loss_tok.detach().sum() / valid.sum().clamp_min(1)),
                 "forward_tokens": int(batch["labels"].numel())}
+
+    def _step_normalised(self) -> bool:
+        """normaliser global_selected divides by the selected weight of the whole optimizer step: every
+        data-parallel rank and every accumulated micro-batch. That count is only known after the last
+        micro-batch, so each micro-batch backpropagates its raw sum and `on_before_optimizer_step` scales
+        the gradients (exact: the gradient is linear in the loss). DeepSpeed owns its gradient buffers, so
+        there `weighted_token_loss` divides per micro-batch by the count across ranks instead."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        trainer = self._trainer
+        return (self.normaliser == "global_selected" and trainer is not None
+                and not isinstance(trainer.strategy, DeepSpeedStrategy))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Scale gradients to sum(w * loss) / (selected weight over all ranks and micro-batches).
+
+        Lightning divided each micro-batch loss by `accumulate_grad_batches` (A) and DDP averaged over the
+        world size (W), so the gradients hold sum(w * loss) / (A * W); multiply by A * W / total. Runs
+        before gradient clipping, so clipping sees the true gradient."""
+        if not self._step_normalised():
+            return
+        total = torch.tensor(self._window_selected, dtype=torch.float64, device=self.device)
+        self._window_selected = 0.0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        scale = (self.trainer.accumulate_grad_batches * self.trainer.world_size / float(total)
+                 if float(total) > 0 else 0.0)
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
 
     def _distill_token_loss(self, batch: dict, ce: Tensor, rows: dict) -> Tensor:
         """alpha * KL(teacher || student) + (1 - alpha) * CE per labelled token `[B, T]` (differentiable)."""
@@ -367,7 +407,7 @@ class SelectiveLM(LightningModule):
         out = self.selective_step(batch)
         # sync_dist: with data parallelism the logged loss is the mean over ranks (the global batch's loss
         # under normaliser global_selected), not rank 0's share
-        self.log("train/loss", out["loss"], prog_bar=True, sync_dist=True)
+        self.log("train/loss", out["shown_loss"], prog_bar=True, sync_dist=True)
         self.log("train/keep_ratio", out["keep_ratio"], prog_bar=True)
         self.log("train/full_loss", out["full_loss"])
         self.log("train/samples_kept", out["samples_kept"])
