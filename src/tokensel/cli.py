@@ -14,20 +14,47 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import logging
 import os
 import re
 import sys
+import warnings
 
 # Quiet, offline-friendly defaults before heavy imports: the machines have no hub access, and
 # transformers/datasets otherwise spend seconds retrying the network.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+class _DropMessages(logging.Filter):
+    """Drop log records containing any of `parts` (third-party chatter a cluster log does not need)."""
+
+    def __init__(self, *parts: str) -> None:
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not any(p in msg for p in self.parts)
+
+
+def quiet_third_party() -> None:
+    """Silence the litlogger tip, torch's LeafSpec deprecation (raised inside Lightning), transformers'
+    checkpointing rename notice and DeepSpeed's CPU-accelerator warning. Our own messages are untouched."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated.*")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropMessages("litlogger"))
+    logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU", "Setting ds_accelerator"))
+
+
+quiet_third_party()
+
 from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 
 import tokensel  # noqa: E402,F401  (registers every selector / module for short class names)
-from tokensel.errors import TokenselError  # noqa: E402
+from tokensel.errors import ConfigError, TokenselError  # noqa: E402
 from tokensel.trainer.base_trainer import TokenselTrainer  # noqa: E402
 
 
@@ -36,7 +63,7 @@ def _known_subclasses(base_path: str) -> list[str]:
     mod, _, name = base_path.rpartition(".")
     try:
         base = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError, ValueError):  # ValueError: an empty module name
         return []
     seen, todo = set(), list(base.__subclasses__())
     while todo:
@@ -98,6 +125,18 @@ class TokenselCLI(LightningCLI):
         # One place for run naming: checkpoints/<run_name>/ holds checkpoints, logs and the config.
         parser.add_argument("--run_name", type=str | None, default=None,
                             help="Run folder under checkpoints/ (default: the recipe file's stem).")
+
+    def instantiate_classes(self) -> None:
+        """Instantiate as LightningCLI does; a value the parser accepted but a class rejects (a negative
+        learning rate, a null where a number is needed) becomes one `ConfigError` line, not a traceback."""
+        try:
+            super().instantiate_classes()
+        except TokenselError:
+            raise
+        except (ValueError, TypeError) as e:
+            first = " ".join(str(e).split())[:400]
+            raise ConfigError(f"config: {type(e).__name__}: {first}; check the values set in the recipe / "
+                              "command line (--print_config shows them)") from None
 
     def before_instantiate_classes(self) -> None:
         from tokensel.trainer.base_trainer import configure_run_dirs

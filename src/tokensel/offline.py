@@ -72,7 +72,6 @@ def resolve_model(name: str) -> str:
     if name in OFFLINE_COPIES:
         path = offline_copy(name)
         log.warning("tokensel: the hub is unreachable; using the offline copy of %s at %s", name, path)
-        print(f"tokensel: hub unreachable, using offline copy of {name} at {path}")
         return path
     raise ConfigError(f"model {name!r}: not a local folder, not in the Hugging Face cache, and the hub is "
                       f"unreachable; pass a local folder, or one of the offline ids {sorted(OFFLINE_COPIES)}")

@@ -9,7 +9,11 @@ from tokensel.modules.base import TokenSelector, TokenStats
 
 
 class FullSelection(TokenSelector):
-    """Train on every labelled token (plain SFT / CLM)."""
+    """Train on every labelled token (plain SFT / CLM).
+
+    Args:
+        scope: unused (every token is kept whatever the scope); accepted for a uniform selector interface.
+    """
 
     needs = frozenset()
 

@@ -92,8 +92,10 @@ class AdaEslmSelection(EslmSelection):
         target_mass: share of the batch's total score the kept tail should carry (0.8 = keep the
             smallest upper tail holding 80% of the loss mass).
         beta: smoothing of alpha across steps (0 = follow each batch exactly).
-        alpha_min, alpha_max: clip range for alpha.
-        score, scope: as `EslmSelection`.
+        alpha_min: lower clip of alpha.
+        alpha_max: upper clip of alpha.
+        score: as `EslmSelection`.
+        scope: as `EslmSelection`.
     """
 
     def __init__(self, alpha: float = 0.4, target_mass: float = 0.8, beta: float = 0.9, alpha_min: float = 0.1,

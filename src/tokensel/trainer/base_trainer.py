@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
@@ -87,10 +88,27 @@ class TokenselTrainer(Trainer):
       `save_every_n_steps` (and at each validation / epoch end and when training ends) plus `best-step=N.ckpt`
       by `val/loss`, all written atomically.
     * `export(...)` is the `trainer export` verb.
+    * A NaN / inf loss or gradient stops the run before the optimizer step (`on_nonfinite: stop`, exit status
+      2 from the CLI, the last good checkpoint kept) or skips the step (`on_nonfinite: skip`); see
+      `tokensel.trainer.guard.NonFiniteGuard`. Steps whose selector kept no token are counted
+      (`train/empty_selection`) with a rate-limited warning.
+    * Cluster-friendly output: the progress bar is on only when stdout is a terminal (unless
+      `enable_progress_bar` is set); without it, rank 0 prints one line every `summary_every_n_steps`
+      steps. The default logger is a `CSVLogger` under the run folder (name a `TensorBoardLogger` in
+      `trainer.logger` to use TensorBoard).
+
+    Args:
+        save_every_n_steps: also refresh `last.ckpt` every this many optimizer steps (crash recovery).
+        use_distributed_sampler: let Lightning wrap the sampler (off: our sampler shards batches itself).
+        on_nonfinite: "stop" (default) or "skip" on a non-finite loss / gradient.
+        summary_every_n_steps: one-line progress summary interval on rank 0; default 50 when there is no
+            progress bar, else off; 0 = off.
     """
 
     def __init__(self, *args, save_every_n_steps: int | None = None, use_distributed_sampler: bool = False,
+                 on_nonfinite: Literal["stop", "skip"] = "stop", summary_every_n_steps: int | None = None,
                  **kwargs) -> None:
+        _check_trainer_nulls(kwargs)
         # Our ResumableSampler shards each global batch across ranks itself (see data.py); Lightning's
         # DistributedSampler wrapping would reorder it, so it is off by default.
         kwargs["use_distributed_sampler"] = use_distributed_sampler
@@ -110,6 +128,20 @@ class TokenselTrainer(Trainer):
                                              save_top_k=1))
         if not any(isinstance(c, RNGState) for c in callbacks):
             callbacks.append(RNGState())
+        from tokensel.trainer.guard import NonFiniteGuard, StepSummary
+
+        if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
+            callbacks.append(NonFiniteGuard(on_nonfinite))
+        if kwargs.get("enable_progress_bar") is None:  # a bar only on a terminal; cluster logs get summaries
+            kwargs["enable_progress_bar"] = sys.stdout.isatty()
+        if summary_every_n_steps is None:
+            summary_every_n_steps = 0 if kwargs["enable_progress_bar"] else 50
+        if summary_every_n_steps and not any(isinstance(c, StepSummary) for c in callbacks):
+            callbacks.append(StepSummary(summary_every_n_steps))
+        if kwargs.get("logger") in (None, True):  # Lightning's default is TensorBoard when installed
+            from lightning.pytorch.loggers import CSVLogger
+
+            kwargs["logger"] = CSVLogger(save_dir=kwargs.get("default_root_dir") or os.getcwd())
         plugins = list(kwargs.pop("plugins", None) or [])
         strategy = kwargs.get("strategy", "auto")
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -118,7 +150,12 @@ class TokenselTrainer(Trainer):
                 strategy, DeepSpeedStrategy)) and not any(
                 isinstance(p, TorchCheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
-        super().__init__(*args, callbacks=callbacks, plugins=plugins or None, **kwargs)
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            super().__init__(*args, callbacks=callbacks, plugins=plugins or None, **kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as e:  # a bad trainer.* value: one line
+            raise ConfigError(f"trainer: {' '.join(str(e).split())[:400]}") from None
 
     def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None,
             **kwargs):
@@ -166,6 +203,20 @@ class TokenselTrainer(Trainer):
         os.replace(tmp, out_path)
         print(f"tokensel: exported {type(model).__name__} to {out_path.resolve()}")
         return str(out_path)
+
+
+def _check_trainer_nulls(kwargs: dict) -> None:
+    """`trainer.max_steps: null` and the like pass the parser (it allows null) but crash deep in Lightning:
+    name the key and its default instead."""
+    import inspect
+    import typing
+
+    params = inspect.signature(Trainer.__init__).parameters
+    for k, v in kwargs.items():
+        p = params.get(k)
+        if v is None and p is not None and p.default not in (None, inspect.Parameter.empty) and \
+                type(None) not in typing.get_args(p.annotation):
+            raise ConfigError(f"trainer.{k}: null is not allowed; give a value (default {p.default!r})")
 
 
 def resolve_ckpt_path(ckpt_path: str, root: str) -> str:
@@ -219,5 +270,7 @@ def configure_run_dirs(config, subcommand: str | None, argv: list[str]) -> None:
         run_name = Path(str(cfgs[0])).stem if cfgs else "run"
         cfg["run_name"] = run_name
     trainer_cfg = cfg["trainer"]
+    if trainer_cfg is None:
+        raise ConfigError("key 'trainer' is null; give a mapping of trainer settings or leave it out")
     if not trainer_cfg.get("default_root_dir"):
         trainer_cfg["default_root_dir"] = str(Path(CHECKPOINT_ROOT) / run_name)

@@ -48,13 +48,20 @@ def _read_rows(path: str) -> list[tuple[str, object]]:
     if p.suffix == ".parquet":
         import datasets
 
-        ds = datasets.Dataset.from_parquet(str(p))
+        try:
+            ds = datasets.Dataset.from_parquet(str(p))
+        except Exception as e:  # noqa: BLE001 - pyarrow / datasets raise many types for a bad file
+            raise DataError(f"{path}: not a parquet file datasets can read ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); rewrite it or use JSONL") from None
         return [(f"{path}: row {i}", r) for i, r in enumerate(ds)]
     if p.suffix == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{path}: invalid JSON ({e}); a .json file must hold one array of objects") from None
+        except RecursionError:
+            raise DataError(f"{path}: invalid JSON (nested too deeply); a .json file must hold one array of "
+                            "objects") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: top level is {type(data).__name__}; a .json file must hold an array of objects")
         return [(f"{path}: item {i}", r) for i, r in enumerate(data)]
@@ -75,6 +82,8 @@ def _read_rows(path: str) -> list[tuple[str, object]]:
                         rows.append((loc, json.loads(line)))
                     except json.JSONDecodeError as e:
                         rows.append((loc, DataError(f"{loc}: bad JSON ({e.msg} at column {e.colno})")))
+                    except RecursionError:
+                        rows.append((loc, DataError(f"{loc}: bad JSON (nested too deeply); one object per line")))
                 else:
                     rows.append((loc, {"text": line.rstrip("\n")}))
         return rows

@@ -1,0 +1,50 @@
+"""Logs that suit clusters: no progress bar without a terminal, a one-line summary every N steps, CSV metrics
+and the resolved config in the run folder (a rerun into the same folder works), no third-party chatter."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "tests" / "integration" / "tiny" / "_lm.yaml"
+
+
+def run_cli(args, cwd):
+    # stdout / stderr are pipes, as under a cluster scheduler
+    return subprocess.run([sys.executable, "-m", "tokensel", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _fit(cwd, steps, *extra):
+    # logger / progress bar back to their defaults (the tiny overrides turn them off)
+    return run_cli(["fit", "--config", ROOT / "recipes" / "random.yaml", "--config", TINY,
+                    "--trainer.logger", "null", "--trainer.enable_progress_bar", "null",
+                    "--trainer.max_steps", steps, "--trainer.val_check_interval", 10,
+                    "--trainer.summary_every_n_steps", 10, *extra], cwd)
+
+
+def test_fifty_steps_without_a_tty_is_a_short_log(tmp_path):
+    r = _fit(tmp_path, 50)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout.splitlines()
+    assert len(out) < 100, r.stdout
+    summaries = [ln for ln in out if ln.startswith("tokensel: step ") and "it/s" in ln]
+    assert [ln.split()[2] for ln in summaries] == [f"{s}/50" for s in (10, 20, 30, 40, 50)], r.stdout
+    assert all(" loss " in ln and " keep " in ln and " lr " in ln for ln in summaries)
+    assert "━" not in r.stdout and "it/s v_num" not in r.stdout  # no progress bar
+    for noise in ("litlogger", "LeafSpec", "tensorboardX", "is_gradient_checkpointing"):
+        assert noise not in r.stdout + r.stderr, noise
+    run = tmp_path / "checkpoints" / "random"
+    assert list(run.glob("lightning_logs/version_*/config.yaml"))  # the resolved config, beside the metrics
+    metrics = list((run / "lightning_logs").glob("version_*/metrics.csv"))
+    assert metrics, list(run.rglob("*"))
+    with open(metrics[0]) as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("train/keep_ratio") for r in rows) and any(r.get("val/loss") for r in rows)
+    # reruns into the same run folder: without a logger the config goes to the run folder itself, and a
+    # second rerun overwrites it instead of refusing
+    for _ in range(2):
+        r2 = _fit(tmp_path, 1, "--trainer.val_check_interval", 1, "--trainer.logger", "false")
+        assert r2.returncode == 0, r2.stderr[-3000:]
+        assert (run / "config.yaml").exists()
