@@ -100,6 +100,18 @@ def summarise_parse_error(message: str) -> str:
 class TokenselCLI(LightningCLI):
     """LightningCLI plus the `export` subcommand (a method of `TokenselTrainer`)."""
 
+    @staticmethod
+    def configure_optimizers(lightning_module: LightningModule, optimizer, lr_scheduler=None):
+        """As LightningCLI's, but schedulers step every optimizer step, not every epoch: recipes count in
+        steps (`total_iters`, warm-up) and a fine-tuning run is often shorter than one epoch."""
+        if lr_scheduler is None:
+            return optimizer
+        from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+        if isinstance(lr_scheduler, ReduceLROnPlateau):
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "monitor": lr_scheduler.monitor}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse as LightningCLI does, but turn a failure's usage dump into one line (key, problem, choices)."""
         buf = io.StringIO()

@@ -140,3 +140,11 @@ def test_global_selected_is_exact_across_gradient_accumulation(in_tmp):
     torch.testing.assert_close(accumulated, whole, rtol=0, atol=2e-6)
     per_micro = _weights_after(2, 2, "selected")  # the non-exact normaliser really differs: the test can fail
     assert (per_micro - whole).abs().max() > 1e-4
+
+
+def test_lr_scheduler_steps_per_optimizer_step(in_tmp):
+    # recipes count scheduler iterations in optimizer steps; LightningCLI's default would step per epoch
+    cli = _fit("sft.yaml", "--trainer.max_steps", "4", "--lr_scheduler.init_args.total_iters", "4",
+               "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "0")
+    lr = cli.trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(0.0003 * 0.1)  # decayed to end_factor after total_iters steps
