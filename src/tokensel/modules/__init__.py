@@ -7,6 +7,7 @@ from tokensel.modules.rho1 import Rho1Selection
 from tokensel.modules.sstoken import SsTokenSelection
 from tokensel.modules.eslm import AdaEslmSelection, EslmSelection
 from tokensel.modules.qtuning import QTuningSelection
+from tokensel.modules.llsa import LLSAttention  # noqa: F401
 
 __all__ = [
     "KNOWN_STATS", "TokenSelector", "TokenStats", "Triage", "topk_mask",

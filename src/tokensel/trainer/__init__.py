@@ -2,6 +2,7 @@
 `class_path` in recipes."""
 
 from tokensel.trainer.base_trainer import TokenselTrainer
+from tokensel.trainer.dit import *  # noqa: F401,F403
 from tokensel.trainer.data import PretrainDataModule, SFTDataModule
 from tokensel.trainer.lm import LoRA, SelectiveLM
 from tokensel.trainer.strategies import CPUDeepSpeedStrategy  # noqa: F401

@@ -1,0 +1,514 @@
+"""A tiny pixel-space DiT trained with flow matching, with LLSA or dense attention.
+
+Train, export and sample (the recipe header has the full commands):
+
+    trainer fit --config recipes/llsa_dit.yaml                                   # LLSA
+    trainer fit --config recipes/llsa_dit.yaml --model.init_args.attention dense --run_name llsa_dit_dense
+    trainer export --config recipes/llsa_dit.yaml --ckpt_path best --out exported/llsa_dit
+    python -m tokensel.trainer.dit sample --model exported/llsa_dit --out grid.png [--num 16 --steps 20 --seed 0]
+
+Model (`PixelDiT`): patch size 1, so a 32x32 image is 1,024 pixel tokens; fixed 2-D sin-cos position
+embedding; AdaLN-zero blocks conditioned on the timestep (and the class label, if `num_classes`);
+RMS qk-norm; attention `LLSAttention` or `DenseAttention` (same parameters). Tokens are put in
+Z-order (`token_order: zorder`) so every run of 4^k consecutive tokens is a 2^k x 2^k square and a
+block of B tokens pools a compact patch (the paper's 2-D reordering); outputs are put back in raster
+order.
+
+Objective (rectified flow, as LLSA's training code): `x_t = (1 - t) x_0 + t eps`, the network predicts
+`v = eps - x_0` under MSE, `t ~ U(0, 1)`.
+
+Deviations from the paper's RopeDiT, for a model small enough to train on 2 CPU cores: an additive
+2-D sin-cos position embedding instead of 2-D RoPE applied to q and k before pooling (LLSA itself is
+unchanged by this; it pools whatever q and k it gets), continuous `t` instead of 1,000 discrete
+training timesteps, no EMA, and no resolution-dependent noise rescaling.
+
+Validation draws `t` and `eps` from a generator seeded by the batch index, so `val/loss` is comparable
+across runs (dense vs LLSA) at equal steps. Sampling integrates `dx/dt = v` from `t = 1` (noise) to 0
+with Euler steps; a grid of samples is written as a PNG into the run's log dir after every validation.
+
+Data (`FashionMNISTDiffusionData`): Fashion-MNIST from the Debian package `dataset-fashion-mnist`
+(IDX files read directly, 28x28 padded to 32x32, scaled to [-1, 1]); `synthetic: true` draws
+procedural shapes instead, so tests run without the package.
+
+Export: `export_hf` writes `config.json` (`LLSADiTConfig`) + `model.safetensors` (`LLSADiTModel`),
+both registered with the transformers Auto classes on import of this module:
+`AutoModel.from_pretrained(DIR)` gives the model, `.sample(...)` draws images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from tokensel.errors import ConfigError, DataError
+from tokensel.modules.llsa import DenseAttention, LLSAttention
+
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+ATTENTIONS = ("llsa", "dense")
+TOKEN_ORDERS = ("zorder", "raster")
+
+# ----------------------------------------------------------------------------------------------------
+# Network
+# ----------------------------------------------------------------------------------------------------
+
+
+def sincos_2d(dim: int, size: int) -> Tensor:
+    """Fixed 2-D sin-cos position embedding in raster order: `[size * size, dim]` (dim % 4 == 0)."""
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coord in (ys.flatten(), xs.flatten()):
+        ang = coord[:, None] * freqs[None, :]
+        parts += [ang.sin(), ang.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def zorder_permutation(size: int) -> Tensor:
+    """Raster index of the token at each Z-order (Morton) position: `[size * size]` int64."""
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    code = torch.zeros_like(ys)
+    for bit in range(max(1, math.ceil(math.log2(size)))):
+        code |= ((xs >> bit) & 1) << (2 * bit) | ((ys >> bit) & 1) << (2 * bit + 1)
+    return torch.argsort(code, stable=True)
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of `t [B]` (scaled by 1000 so t in [0, 1] spans the usual DDPM range) -> `[B, dim]`."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    ang = (t.float() * 1000.0)[:, None] * freqs[None, :]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """AdaLN modulation of `x [B, N, C]` by per-sample `shift, scale [B, C]`."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block with AdaLN-zero (attention and MLP gated per sample)."""
+
+    def __init__(self, width: int, attn: nn.Module, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = attn
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        nn.init.zeros_(self.ada[1].weight)  # AdaLN-zero: every block starts as the identity
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """`x [B, N, C]`, conditioning `c [B, C]` -> `[B, N, C]`."""
+        s1, sc1, g1, s2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), s1, sc1))
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), s2, sc2))
+
+
+class PixelDiT(nn.Module):
+    """DiT on raw pixels (patch size 1): `forward(x [B, C, S, S], t [B], y [B] | None) -> v [B, C, S, S]`.
+
+    Args:
+        image_size: S (tokens = S^2).
+        in_channels: image channels.
+        width, depth, num_heads, mlp_ratio: transformer size.
+        num_classes: class-conditional with this many classes (0 = unconditional); label `num_classes`
+            (or `y=None`) is the null class.
+        attention: "llsa" or "dense".
+        levels, block_size, top_k, enrich, reweight: LLSA settings (see `LLSAttention`).
+        token_order: "zorder" (2-D locality for LLSA blocks) or "raster".
+        kernels: LLSA back-end ("auto" | "triton" | "torch").
+    """
+
+    def __init__(self, image_size: int = 32, in_channels: int = 1, width: int = 128, depth: int = 4,
+                 num_heads: int = 4, mlp_ratio: float = 4.0, num_classes: int = 10, attention: str = "llsa",
+                 levels: int = 2, block_size: int = 8, top_k: int | list[int] = 4, enrich: bool = True,
+                 reweight: bool = True, token_order: str = "zorder", kernels: str | None = None) -> None:
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ConfigError(f"model.attention={attention!r} is not one of {ATTENTIONS}")
+        if token_order not in TOKEN_ORDERS:
+            raise ConfigError(f"model.token_order={token_order!r} is not one of {TOKEN_ORDERS}")
+        if width % 4 or width % num_heads:
+            raise ConfigError(f"model.width={width} must be a multiple of 4 and of num_heads={num_heads}")
+        self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
+        attn_cls = LLSAttention if attention == "llsa" else DenseAttention
+        self.x_embed = nn.Linear(in_channels, width)
+        self.t_embed = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
+        self.y_embed = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
+        self.blocks = nn.ModuleList(
+            DiTBlock(width, attn_cls(width, num_heads, levels=levels, block_size=block_size, top_k=top_k,
+                                     enrich=enrich, reweight=reweight, kernels=kernels), mlp_ratio)
+            for _ in range(depth))
+        self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.out = nn.Linear(width, in_channels)
+        for lin in (self.final_ada[1], self.out):  # zero output at init: v starts at 0
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        self.width, self.token_order = width, token_order
+        self._layout_cache: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def layout(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(position embedding `[S*S, C]`, token order `[S*S]`, its inverse), built on first use per device.
+
+        Not buffers: transformers 5 builds models on the meta device and would leave non-persistent
+        buffers uninitialised after `from_pretrained`; these are pure functions of the config.
+        """
+        if self._layout_cache is None or self._layout_cache[0].device != device:
+            size = self.image_size
+            perm = zorder_permutation(size) if self.token_order == "zorder" else torch.arange(size ** 2)
+            self._layout_cache = (sincos_2d(self.width, size).to(device), perm.to(device),
+                                  torch.argsort(perm).to(device))
+        return self._layout_cache
+
+    def condition(self, t: Tensor, y: Tensor | None) -> Tensor:
+        """Per-sample conditioning vector `[B, C]` from the timestep and (optional) label."""
+        c = self.t_embed(timestep_embedding(t, 256).to(self.x_embed.weight.dtype))
+        if self.y_embed is not None:
+            if y is None:
+                y = torch.full((t.shape[0],), self.num_classes, device=t.device, dtype=torch.long)
+            c = c + self.y_embed(y)
+        return c
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        b, ch, s, _ = x.shape
+        if s != self.image_size or ch != self.in_channels:
+            raise DataError(f"PixelDiT expects [B, {self.in_channels}, {self.image_size}, {self.image_size}] images, "
+                            f"got {list(x.shape)}")
+        pos, perm, inv_perm = self.layout(x.device)
+        tokens = self.x_embed(x.flatten(2).transpose(1, 2)) + pos.to(x.dtype)   # [B, S*S, C], raster order
+        tokens = tokens[:, perm]                                                 # Z-order for LLSA blocks
+        c = self.condition(t, y)
+        for blk in self.blocks:
+            tokens = blk(tokens, c)
+        shift, scale = self.final_ada(c).chunk(2, dim=-1)
+        out = self.out(modulate(self.final_norm(tokens), shift, scale))[:, inv_perm]
+        return out.transpose(1, 2).reshape(b, ch, s, s)
+
+    @torch.no_grad()
+    def sample(self, num: int, steps: int = 20, labels: Tensor | None = None, seed: int = 0) -> Tensor:
+        """Euler integration of the flow from noise (t = 1) to data (t = 0): `[num, C, S, S]` in [-1, 1]."""
+        dev = self.x_embed.weight.device
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn(num, self.in_channels, self.image_size, self.image_size, generator=gen).to(dev)
+        if labels is None and self.num_classes > 0:
+            labels = torch.arange(num) % self.num_classes
+        labels = labels.to(dev) if labels is not None else None
+        for i in range(steps):
+            t = torch.full((num,), 1.0 - i / steps, device=dev)
+            x = x - self(x, t, labels) / steps
+        return x.clamp(-1, 1)
+
+
+def flow_matching_loss(net: nn.Module, x0: Tensor, y: Tensor | None, t: Tensor, eps: Tensor) -> Tensor:
+    """Rectified-flow MSE: the network at `x_t = (1 - t) x0 + t eps` regresses `eps - x0`."""
+    tt = t.view(-1, *([1] * (x0.dim() - 1)))
+    xt = (1 - tt) * x0 + tt * eps
+    return F.mse_loss(net(xt, t, y).float(), (eps - x0).float())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face export
+# ----------------------------------------------------------------------------------------------------
+
+_NET_KEYS = ("image_size", "in_channels", "width", "depth", "num_heads", "mlp_ratio", "num_classes", "attention",
+             "levels", "block_size", "top_k", "enrich", "reweight", "token_order")
+_CONFIG_NAMES = {"top_k": "llsa_top_k"}  # PixelDiT argument -> LLSADiTConfig attribute, where they differ
+
+
+class LLSADiTConfig(PretrainedConfig):
+    """Config of an exported `PixelDiT`: its arguments but the kernel back-end (`top_k` is `llsa_top_k`)."""
+
+    model_type = "tokensel_llsa_dit"
+
+    def __init__(self, image_size: int = 32, in_channels: int = 1, width: int = 128, depth: int = 4,
+                 num_heads: int = 4, mlp_ratio: float = 4.0, num_classes: int = 10, attention: str = "llsa",
+                 levels: int = 2, block_size: int = 8, llsa_top_k: int | list[int] = 4, enrich: bool = True,
+                 reweight: bool = True, token_order: str = "zorder", sample_steps: int = 20, **kwargs) -> None:
+        self.image_size, self.in_channels, self.width, self.depth = image_size, in_channels, width, depth
+        self.num_heads, self.mlp_ratio, self.num_classes, self.attention = num_heads, mlp_ratio, num_classes, attention
+        # `top_k` is a generation parameter to transformers (save_pretrained refuses it in a model config)
+        self.levels, self.block_size, self.llsa_top_k = levels, block_size, llsa_top_k
+        self.enrich, self.reweight, self.token_order = enrich, reweight, token_order
+        self.sample_steps = sample_steps
+        super().__init__(**kwargs)
+
+
+class LLSADiTModel(PreTrainedModel):
+    """Exported pixel DiT: `forward(x, t, y=None) -> velocity`; `sample(num, steps, labels, seed) -> images`."""
+
+    config_class = LLSADiTConfig
+    base_model_prefix = "net"
+    main_input_name = "x"
+
+    def __init__(self, config: LLSADiTConfig) -> None:
+        super().__init__(config)
+        self.net = PixelDiT(**{k: getattr(config, _CONFIG_NAMES.get(k, k)) for k in _NET_KEYS})
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """PixelDiT initialises itself (AdaLN-zero); loading overwrites every weight anyway."""
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.net(x, t, y)
+
+    @torch.no_grad()
+    def sample(self, num: int = 16, steps: int | None = None, labels: Tensor | None = None, seed: int = 0) -> Tensor:
+        return self.net.sample(num, steps or self.config.sample_steps, labels, seed)
+
+
+AutoConfig.register(LLSADiTConfig.model_type, LLSADiTConfig, exist_ok=True)
+AutoModel.register(LLSADiTConfig, LLSADiTModel, exist_ok=True)
+
+
+def save_image_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Write `[N, C, H, W]` images in [-1, 1] as one PNG grid (PIL); returns the path."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = torch.full((c, rows * (h + 2) + 2, nrow * (w + 2) + 2), -1.0)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = images[i].cpu()
+    arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# LightningModule
+# ----------------------------------------------------------------------------------------------------
+
+
+class FlowMatchingDiT(LightningModule):
+    """Flow-matching training of `PixelDiT` with LLSA or dense attention.
+
+    Args:
+        image_size, in_channels, width, depth, num_heads, mlp_ratio, num_classes: network size.
+        attention: "llsa" | "dense" (same parameters; checkpoints load across).
+        levels, block_size, top_k, enrich, reweight, token_order, kernels: LLSA settings (`PixelDiT`).
+        num_sample_images: images in the PNG grid written after each validation (0 = none).
+        sample_steps: Euler steps for those samples (and the export's default).
+        val_seed: seed of the fixed validation noise / timesteps.
+    """
+
+    def __init__(self, image_size: int = 32, in_channels: int = 1, width: int = 128, depth: int = 4,
+                 num_heads: int = 4, mlp_ratio: float = 4.0, num_classes: int = 10, attention: str = "llsa",
+                 levels: int = 2, block_size: int = 8, top_k: int | list[int] = 4, enrich: bool = True,
+                 reweight: bool = True, token_order: str = "zorder", kernels: str | None = None,
+                 num_sample_images: int = 16, sample_steps: int = 20, val_seed: int = 1234) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = PixelDiT(image_size, in_channels, width, depth, num_heads, mlp_ratio, num_classes, attention,
+                            levels, block_size, top_k, enrich, reweight, token_order, kernels)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.net(x, t, y)
+
+    def _labels(self, batch: dict) -> Tensor | None:
+        return batch.get("label") if self.hparams.num_classes > 0 else None
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x0 = batch["image"]
+        t = torch.rand(x0.shape[0], device=x0.device)
+        loss = flow_matching_loss(self.net, x0, self._labels(batch), t, torch.randn_like(x0))
+        self.log("train/loss", loss, prog_bar=True, batch_size=x0.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        x0 = batch["image"]
+        # Same (t, eps) for batch i in every run and every validation: dense vs LLSA differ only by the model.
+        gen = torch.Generator(device="cpu").manual_seed(self.hparams.val_seed + batch_idx)
+        t = torch.rand(x0.shape[0], generator=gen).to(x0.device)
+        eps = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+        loss = flow_matching_loss(self.net, x0, self._labels(batch), t, eps)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=x0.shape[0])
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero or self.hparams.num_sample_images <= 0:
+            return
+        images = self.net.sample(self.hparams.num_sample_images, self.hparams.sample_steps, seed=0)
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
+        save_image_grid(images, folder / f"step_{self.global_step:07d}.png")
+
+    def export_hf(self, out_dir: str, adapter_only: bool = False, datamodule=None) -> None:
+        """Write `config.json` + `model.safetensors` loadable with `AutoModel.from_pretrained(out_dir)`."""
+        if adapter_only:
+            raise ConfigError("--adapter_only: FlowMatchingDiT has no adapters; export without it")
+        hp = self.hparams
+        cfg = LLSADiTConfig(**{_CONFIG_NAMES.get(k, k): hp[k] for k in _NET_KEYS}, sample_steps=hp.sample_steps)
+        model = LLSADiTModel(cfg)
+        model.net.load_state_dict(self.net.state_dict())
+        model.save_pretrained(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally .gz), the MNIST / Fashion-MNIST format: header, big-endian dims, data."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.dtype(_IDX_DTYPES[raw[2]]), offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path}: header says {dims} but the file holds {data.size} values (truncated?)")
+    return data.reshape(dims)
+
+
+def synthetic_shapes(num: int, size: int = 28, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Procedural 28x28 uint8 images in 10 classes (5 shape kinds x 2 brightness), for tests and offline runs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    images = np.zeros((num, size, size), np.uint8)
+    labels = rng.integers(0, 10, num).astype(np.int64)
+    for i, lab in enumerate(labels):
+        cy, cx = rng.uniform(9, size - 9, 2)
+        r = rng.uniform(4, 8)
+        kind, bright = lab % 5, 255 if lab < 5 else 140
+        dist = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        mask = [np.maximum(abs(yy - cy), abs(xx - cx)) < r,                 # square
+                dist < r,                                                     # disc
+                (dist < r) & (dist > r - 2.5),                                # ring
+                (np.maximum(abs(yy - cy), abs(xx - cx)) < r) & ((yy.astype(int) // 2) % 2 == 0),  # stripes
+                ((abs(yy - cy) < 1.5) | (abs(xx - cx) < 1.5)) & (dist < r + 2)][kind]          # cross
+        images[i][mask] = bright
+    return images, labels
+
+
+class _ImageSet(Dataset):
+    """`{"image": [1, S, S] float in [-1, 1], "label": int64}` items from uint8 arrays padded to S."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, size: int) -> None:
+        x = torch.from_numpy(np.array(images, dtype=np.float32)).div(127.5).sub(1.0).unsqueeze(1)
+        pad = size - x.shape[-1]
+        lo, hi = pad // 2, pad - pad // 2
+        self.images = F.pad(x, (lo, hi, lo, hi), value=-1.0)  # pad with the black background
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+class FashionMNISTDiffusionData(LightningDataModule):
+    """Fashion-MNIST (Debian `dataset-fashion-mnist`) as 32x32 images in [-1, 1] for diffusion.
+
+    Args:
+        data_dir: folder with `{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`.
+        batch_size: per-device batch size.
+        image_size: output side (>= 28; the 28x28 images are padded with background).
+        train_limit: use only the first n training images (None = all 60,000).
+        val_limit: validation images from the test split (None = all 10,000).
+        synthetic: procedural shapes instead of Fashion-MNIST (no package needed).
+        synthetic_size: number of synthetic training images (validation gets a quarter, at least 8).
+        num_workers: DataLoader workers.
+        seed: seed of the synthetic data.
+    """
+
+    def __init__(self, data_dir: str = DEFAULT_FASHION_MNIST_DIR, batch_size: int = 64, image_size: int = 32,
+                 train_limit: int | None = None, val_limit: int | None = 1000, synthetic: bool = False,
+                 synthetic_size: int = 512, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        if image_size < 28:
+            raise ConfigError(f"data.image_size={image_size}: Fashion-MNIST is 28x28; use 28 or more (32 pads)")
+        self.data_dir, self.batch_size, self.image_size = data_dir, batch_size, image_size
+        self.train_limit, self.val_limit = train_limit, val_limit
+        self.synthetic, self.synthetic_size, self.num_workers, self.seed = synthetic, synthetic_size, num_workers, seed
+        self.train_set: _ImageSet | None = None
+        self.val_set: _ImageSet | None = None
+
+    def _split(self, prefix: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+        folder = Path(self.data_dir)
+        img, lab = folder / f"{prefix}-images-idx3-ubyte.gz", folder / f"{prefix}-labels-idx1-ubyte.gz"
+        if not img.exists() or not lab.exists():
+            raise DataError(f"data.data_dir={self.data_dir}: no {img.name} / {lab.name}; run "
+                            "`apt-get install -y dataset-fashion-mnist` or set data.init_args.synthetic: true")
+        images, labels = read_idx(img), read_idx(lab)
+        if images.ndim != 3 or len(images) != len(labels):
+            raise DataError(f"{img}: expected [n, 28, 28] images matching {lab.name}, got {images.shape}")
+        return images[:limit], labels[:limit]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.synthetic:
+            n_val = max(8, self.synthetic_size // 4)
+            tr = synthetic_shapes(self.synthetic_size, seed=self.seed)
+            va = synthetic_shapes(n_val, seed=self.seed + 1)
+        else:
+            tr, va = self._split("train", self.train_limit), self._split("t10k", self.val_limit)
+        self.train_set = _ImageSet(*tr, self.image_size)
+        self.val_set = _ImageSet(*va, self.image_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+# ----------------------------------------------------------------------------------------------------
+# `python -m tokensel.trainer.dit sample --model DIR --out grid.png`
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Sample a PNG grid from an exported folder."""
+    parser = argparse.ArgumentParser(prog="python -m tokensel.trainer.dit")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sample", help="draw a grid of samples from an exported LLSA DiT folder")
+    s.add_argument("--model", required=True, help="folder written by `trainer export`")
+    s.add_argument("--out", default="grid.png", help="PNG file to write")
+    s.add_argument("--num", type=int, default=16, help="number of images")
+    s.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's sample_steps)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--label", type=int, default=None, help="one class for all images (default: cycle classes)")
+    args = parser.parse_args(argv)
+    if not Path(args.model, "config.json").exists():
+        raise SystemExit(f"error: --model {args.model}: no config.json; pass a folder written by `trainer export`")
+    model = AutoModel.from_pretrained(args.model).eval()
+    labels = torch.full((args.num,), args.label) if args.label is not None else None
+    images = model.sample(args.num, args.steps, labels, args.seed)
+    print(f"wrote {save_image_grid(images, args.out)}")
+
+
+__all__ = ["FlowMatchingDiT", "FashionMNISTDiffusionData", "LLSADiTConfig", "LLSADiTModel", "PixelDiT",
+           "flow_matching_loss", "read_idx", "save_image_grid"]
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
