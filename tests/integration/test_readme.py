@@ -24,6 +24,12 @@ def _commands() -> list[str]:
     return [ln for block in _bash_blocks() for ln in block if ln.split()[0] == "trainer"]
 
 
+def test_every_recipe_is_in_the_readme():
+    text = (ROOT / "README.md").read_text()
+    missing = [r.name for r in (ROOT / "recipes").glob("*.yaml") if f"recipes/{r.name}" not in text]
+    assert not missing, f"recipes without a README section: {missing}"
+
+
 def test_readme_test_command_is_the_ci_command():
     ci = (ROOT / ".ci" / "run").read_text().split("keep identical) ---", 1)[1].strip().splitlines()
     blocks = _bash_blocks()
@@ -46,7 +52,9 @@ def test_readme_trainer_commands_run(in_tmp):
         args = [w.replace("recipes/", str(ROOT / "recipes") + "/") if w.startswith("recipes/") else w
                 for w in words[1:]]
         sub, rest = args[0], args[1:]
-        extra = ["--config", str(TINY)]
+        recipe = Path(rest[rest.index("--config") + 1])
+        own = ROOT / "tests" / "integration" / "tiny" / recipe.name  # the recipe's own tiny overlay, if any
+        extra = ["--config", str(own if own.exists() else TINY)]
         if sub == "fit" and "--print_config" not in rest:
             extra += ["--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--trainer.logger", "false"]
         # the tiny overrides go right after the recipe, so the command's own keys still win
