@@ -101,8 +101,8 @@ class TokenselTrainer(Trainer):
         save_every_n_steps: also refresh `last.ckpt` every this many optimizer steps (crash recovery).
         use_distributed_sampler: let Lightning wrap the sampler (off: our sampler shards batches itself).
         on_nonfinite: "stop" (default) or "skip" on a non-finite loss / gradient.
-        summary_every_n_steps: one-line progress summary interval on rank 0; default 50 when there is no
-            progress bar, else off; 0 = off.
+        summary_every_n_steps: one-line progress summary interval on rank 0; default 50 (or max_steps // 10
+            when shorter) when there is no progress bar, else off; 0 = off.
     """
 
     def __init__(self, *args, save_every_n_steps: int | None = None, use_distributed_sampler: bool = False,
@@ -135,7 +135,10 @@ class TokenselTrainer(Trainer):
         if kwargs.get("enable_progress_bar") is None:  # a bar only on a terminal; cluster logs get summaries
             kwargs["enable_progress_bar"] = sys.stdout.isatty()
         if summary_every_n_steps is None:
-            summary_every_n_steps = 0 if kwargs["enable_progress_bar"] else 50
+            # every 50 steps, or ~10 lines over a shorter run (a 12-step demo should not stay silent)
+            max_steps = kwargs.get("max_steps") or -1
+            summary_every_n_steps = 0 if kwargs["enable_progress_bar"] else (
+                min(50, max(1, max_steps // 10)) if max_steps > 0 else 50)
         if summary_every_n_steps and not any(isinstance(c, StepSummary) for c in callbacks):
             callbacks.append(StepSummary(summary_every_n_steps))
         if kwargs.get("logger") in (None, True):  # Lightning's default is TensorBoard when installed
