@@ -7,6 +7,8 @@ from tokensel.modules.rho1 import Rho1Selection
 from tokensel.modules.sstoken import SsTokenSelection
 from tokensel.modules.eslm import AdaEslmSelection, EslmSelection
 from tokensel.modules.qtuning import QTuningSelection
+from tokensel.modules.dynamic_tuning import BottleneckAdapter, DynamicTuningDispatcher, MoEAdapter  # noqa: F401
+from tokensel.modules.spa import SpaGate  # noqa: F401
 from tokensel.modules.llsa import LLSAttention  # noqa: F401
 
 __all__ = [

@@ -8,6 +8,8 @@ from tokensel.trainer.lm import LoRA, SelectiveLM
 from tokensel.trainer.strategies import CPUDeepSpeedStrategy  # noqa: F401
 from tokensel.trainer.token_cache import TokenStatsCache, TokenStatsWriter
 from tokensel.trainer.report import SelectionReport  # noqa: F401
+from tokensel.trainer.vision_data import *  # noqa: F401,F403
+from tokensel.trainer.vit import *  # noqa: F401,F403
 
 __all__ = ["TokenselTrainer", "SFTDataModule", "PretrainDataModule", "SelectiveLM", "LoRA", "TokenStatsCache",
            "TokenStatsWriter"]

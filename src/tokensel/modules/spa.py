@@ -1,0 +1,174 @@
+"""SPA, Select and Pack Attention (Zhang, Li, Seo, Cao; arXiv 2410.23608; ICLR 2026 version "Enhancing
+Vision Transformers for Object Detection via Context-Aware Token Selection and Packing").
+
+A cheap gate scores the patch tokens of a block; the selected tokens of all images are packed into
+dense rows of fixed length with a per-image block-diagonal attention mask, the whole block (attention,
+MLP, adapter) runs on the packed rows, and the results are unpacked to their positions. Unselected
+tokens skip the block unchanged. The gate is trained by the task loss (through the soft gate) and by
+selection labels: BCE against a binary map of "tokens worth computing" (object boxes/masks in the paper;
+here any mask from the dataset, e.g. the patches of a digit that contain ink).
+
+Per SPA block, x: `[B, T = 1 + N, C]`::
+
+    s   = Linear_C->1(x[:, 1:])                    # [B, N] gate logits
+    s   = max(s, upsample(s_prev))                 # optional fusion with the previous SPA block's scores
+    x_g = sigmoid(s) * x                           # soft gate: the task loss reaches the gate (CLS unscaled)
+    m   = GumbelSoftmax(s) (train) | top-k or threshold (eval)   # hard 0/1, CLS always 1
+    out = x;  out[m] = Block(pack(x_g[m]), block-diagonal mask)  # unpacked after
+
+No official code exists; what the notes could not pin down we chose and say so:
+* The paper's backbone is a 4-stage Swin; we gate plain-ViT blocks from `start` on (the paper selects only
+  in deeper stages: stages 3-4 of Swin-T are its last 8 of 12 blocks, hence default `start = depth // 3`).
+  A plain ViT keeps its grid, so the "upsampled" previous scores are the previous block's scores;
+  `upsample_scores` still resizes when grids differ.
+* Binary Gumbel-softmax over {keep, drop} with logits (s, 0) is `sigmoid((s + logistic) / tau)`; the paper
+  lowers the Gumbel threshold to keep more tokens (value not published): `threshold` is configurable.
+  `selection="topk"` keeps a fixed fraction instead (Gumbel-perturbed top-k in training), which is what
+  a keep-rate-controlled comparison needs.
+* Unselected tokens pass through unchanged; the straight-through mask multiplies the block's update of the
+  selected tokens, so the gate also gets a straight-through gradient.
+* `L_select` sums the BCE over SPA blocks (paper) and averages over tokens; alpha = 0.01 comes from one
+  second-hand note and is unverified.
+* SPA's Swin containers may split an image across rows; we never do, so packed attention equals per-image
+  attention over the selected tokens exactly (tested).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tokensel.kernels.pack import gather_rows, pack_tokens, scatter_rows
+from tokensel.modules.dynamic_tuning import dense_block
+
+SELECTIONS = ("threshold", "topk")
+SPA_MODES = ("train", "skip", "mask")
+
+
+def upsample_scores(prev: Tensor, n: int) -> Tensor:
+    """Resize `[B, N']` scores on a square grid to `[B, n]` (nearest); identity when `N' == n`."""
+    if prev.shape[1] == n:
+        return prev
+    side, prev_side = math.isqrt(n), math.isqrt(prev.shape[1])
+    grid = prev.view(prev.shape[0], 1, prev_side, prev_side)
+    return F.interpolate(grid, size=(side, side), mode="nearest").flatten(1)
+
+
+def topk_keep(scores: Tensor, keep_rate: float) -> Tensor:
+    """`[B, N]` bool keeping the `ceil(keep_rate * N)` (at least 1) highest scores of each row."""
+    k = max(1, min(scores.shape[1], math.ceil(keep_rate * scores.shape[1] - 1e-9)))
+    idx = scores.topk(k, dim=1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+
+
+class SpaGate(nn.Module):
+    """Linear token gate with Gumbel selection in training and hard top-k / threshold at inference.
+
+    Args:
+        dim: token width C.
+        selection: "threshold" (keep `sigmoid(s) > threshold`; variable counts per image) or "topk"
+            (keep `ceil(keep_rate * N)` per image).
+        keep_rate: fraction kept in "topk" mode.
+        threshold: keep threshold on the (noisy, in training) sigmoid in "threshold" mode.
+        tau: Gumbel temperature.
+        fuse_previous: max-combine with the previous SPA block's (upsampled) scores.
+        num_prefix: leading tokens always kept (CLS).
+    """
+
+    def __init__(self, dim: int, selection: str = "threshold", keep_rate: float = 0.5, threshold: float = 0.5,
+                 tau: float = 1.0, fuse_previous: bool = True, num_prefix: int = 1) -> None:
+        super().__init__()
+        if selection not in SELECTIONS:
+            raise ValueError(f"SpaGate: selection={selection!r} must be one of {SELECTIONS}")
+        self.proj = nn.Linear(dim, 1)
+        self.selection, self.keep_rate, self.threshold = selection, float(keep_rate), float(threshold)
+        self.tau, self.fuse_previous, self.num_prefix = float(tau), bool(fuse_previous), int(num_prefix)
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def scores(self, x: Tensor, prev: Tensor | None = None) -> Tensor:
+        """Gate logits `[B, N]` of the patch tokens of `x [B, T, C]`, fused with `prev` when enabled."""
+        s = self.proj(x[:, self.num_prefix:]).squeeze(-1)
+        if self.fuse_previous and prev is not None:
+            s = torch.maximum(s, upsample_scores(prev, s.shape[1]))
+        return s
+
+    def forward(self, x: Tensor, prev: Tensor | None = None, stochastic: bool = False) -> tuple[Tensor, Tensor]:
+        """-> (keep `[B, T]` 0/1 with CLS on, straight-through when stochastic; scores `[B, N]`)."""
+        s = self.scores(x, prev)
+        if stochastic:
+            u = torch.rand_like(s, dtype=torch.float32).clamp(1e-6, 1 - 1e-6)
+            noisy = s + (torch.log(u) - torch.log1p(-u)).to(s.dtype)
+            soft = torch.sigmoid(noisy / self.tau)
+            hard = topk_keep(noisy, self.keep_rate) if self.selection == "topk" else soft > self.threshold
+            m = hard.to(s.dtype) - soft.detach() + soft
+        elif self.selection == "topk":
+            m = topk_keep(s, self.keep_rate).to(s.dtype)
+        else:
+            m = (torch.sigmoid(s) > self.threshold).to(s.dtype)
+        return torch.cat([m.new_ones(m.shape[0], self.num_prefix), m], dim=1), s
+
+
+def default_row_len(tokens: int, keep_rate: float, selection: str) -> int:
+    """Container length L: for top-k every image keeps the same count `c`, so `L = c * floor(T / c)`
+    packs whole images with no padding; for threshold selection, `T` (any image fits)."""
+    if selection != "topk":
+        return tokens
+    c = 1 + max(1, math.ceil(keep_rate * (tokens - 1) - 1e-9))
+    return c * max(1, tokens // c)
+
+
+def spa_block(layer: nn.Module, x: Tensor, gate: SpaGate, adapter: nn.Module | None = None,
+              prev: Tensor | None = None, mode: str = "skip", row_len: int | None = None, soft_gate: bool = True,
+              backend: str | None = None) -> tuple[Tensor, Tensor, Tensor, int]:
+    """One SPA block on `x [B, T, C]`.
+
+    Modes:
+        "train": Gumbel selection (straight-through), packed computation.
+        "skip": hard selection, packed computation (inference; really skips the unselected tokens).
+        "mask": hard selection, dense computation with a per-image key mask (the reference the packed
+            path is tested against; costs the full block).
+    Returns:
+        (out `[B, T, C]`, keep `[B, T]`, gate scores `[B, N]`, packed rows R (0 in "mask")).
+    """
+    if mode not in SPA_MODES:
+        raise ValueError(f"spa_block: mode={mode!r} must be one of {SPA_MODES}")
+    m, s = gate(x, prev, stochastic=mode == "train")
+    keep = m > 0.5
+    xin = x
+    if soft_gate:
+        xin = x * torch.cat([s.new_ones(s.shape[0], gate.num_prefix), torch.sigmoid(s)], 1)[..., None]
+    if mode == "mask":
+        eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+        attn_mask = (keep[:, None, :, None] & keep[:, None, None, :]) | eye  # selected attend to selected
+        y = dense_block(layer, xin, adapter, attn_mask)
+        return torch.where(keep[..., None], y, x), m, s, 0
+    packed, layout = pack_tokens(xin, keep, row_len, backend)
+    single = layout.rows == layout.batch and bool((layout.counts == layout.row_len).all())
+    y = dense_block(layer, packed, adapter, None if single else layout.attention_mask())
+    flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    if mode == "train":  # straight-through: d out / d m = (y - x) on the selected tokens
+        x_sel = gather_rows(flat_x, layout.index, backend)
+        m_sel = gather_rows(m.reshape(-1, 1), layout.index, backend)
+        flat_y = x_sel + m_sel * (flat_y - x_sel)
+    return scatter_rows(flat_x, flat_y, layout.index, backend).view_as(x), m, s, layout.rows
+
+
+def patch_labels(mask: Tensor, patch_size: int) -> Tensor:
+    """Selection labels `[B, N]` (0/1 float) from a pixel map `[B, 1, H, W]`: 1 where a patch has any positive pixel."""
+    return (F.max_pool2d(mask.float(), patch_size) > 0).flatten(1).float()
+
+
+def selection_label_loss(scores: list[Tensor], labels: Tensor, weight: float = 0.01) -> Tensor:
+    """`alpha * sum_blocks mean BCE(sigmoid(s), y)` over the SPA blocks' gate logits `[B, N]` each."""
+    if not scores:
+        return labels.new_zeros(())
+    total = sum(F.binary_cross_entropy_with_logits(s.float(), labels.float()) for s in scores)
+    return weight * total
+
+
+__all__ = ["SpaGate", "spa_block", "patch_labels", "selection_label_loss", "upsample_scores", "topk_keep",
+           "default_row_len"]

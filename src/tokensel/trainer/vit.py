@@ -1,0 +1,586 @@
+"""ViT classification with compute-side token selection: dense, Dynamic Tuning, SPA.
+
+Two layers:
+
+* `TokenselViTForImageClassification` (+ `TokenselViTConfig`): a transformers `PreTrainedModel` around a
+  `ViTModel` backbone with per-layer adapters, Dynamic Tuning dispatchers or SPA gates. The same class
+  trains (Gumbel decisions) and serves (hard decisions that skip compute: gathered MLP tokens for
+  Dynamic Tuning, packed rows for SPA). Both are registered with `AutoConfig` /
+  `AutoModelForImageClassification` when this module is imported (`import tokensel` does), so an
+  exported folder loads with `AutoModelForImageClassification.from_pretrained(DIR)`.
+* `ViTClassifier`: the LightningModule the recipes name. It builds the model from a backbone (a folder,
+  a hub id, or `cache:<name>` in the tokensel cache; the small Fashion-MNIST ViT is pretrained on first
+  use if missing), freezes what the fine-tuning mode says, adds each method's losses, logs `val/loss`,
+  draws which patches every block keeps, and exports (`trainer export`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForImageClassification, ViTConfig, ViTForImageClassification, ViTModel
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.models.vit.modeling_vit import ViTPreTrainedModel
+
+from tokensel.errors import ConfigError
+from tokensel.modules.dynamic_tuning import (
+    DynamicTuningDispatcher,
+    activation_rate_loss,
+    dense_block,
+    dynamic_tuning_block,
+    make_adapter,
+    self_distillation_loss,
+)
+from tokensel.modules.spa import SpaGate, default_row_len, patch_labels, selection_label_loss, spa_block
+
+log = logging.getLogger(__name__)
+METHODS = ("dense", "dynamic_tuning", "spa")
+FINETUNE = ("full", "adapter", "head")
+ARCH_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+             "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps",
+             "image_size", "patch_size", "num_channels", "qkv_bias", "encoder_stride")
+DEFAULT_BACKBONE = "cache:vit-small-fmnist"
+
+
+# ---------------------------------------------------------------- HF config + model -------------------
+
+
+@strict
+class TokenselViTConfig(ViTConfig):
+    """`ViTConfig` plus the selector settings (`selector`: dense | dynamic_tuning | spa)."""
+
+    model_type = "tokensel_vit"
+
+    selector: str = "dense"
+    adapter_bottleneck: int = 0            # 0 = no adapter
+    adapter_scale: float | int = 1.0
+    adapter_dropout: float | int = 0.1
+    adapter_experts: int = 1               # > 1: MoE adapter (Dynamic Tuning)
+    dispatcher_tau: float | int = 5.0
+    dispatcher_threshold: float | int = 0.5
+    spa_layers: list[int] | None = None    # None: layers depth // 3 .. depth - 1
+    spa_selection: str = "threshold"       # threshold | topk
+    spa_keep_rate: float | int = 0.5
+    spa_threshold: float | int = 0.5
+    spa_tau: float | int = 1.0
+    spa_fuse_previous: bool = True
+    spa_soft_gate: bool = True
+    spa_row_len: int | None = None         # None: T (threshold) or whole images without padding (topk)
+    inference_mode: str = "skip"           # eval path: skip (real skipping) | mask (masked dense reference)
+    kernels: str | None = None             # pack/gather back-end: auto | triton | torch
+
+
+@dataclass
+class TokenselImageClassifierOutput(ImageClassifierOutput):
+    """`ImageClassifierOutput` plus, per selective layer: keep masks `[B, T]` (straight-through in training),
+    selector logits `[B, N]` (dispatcher logits / SPA gate scores) and packed rows (SPA)."""
+
+    keep_masks: tuple[Tensor, ...] | None = None
+    selector_logits: tuple[Tensor, ...] | None = None
+    packed_rows: tuple[int, ...] | None = None
+    selective_layers: tuple[int, ...] | None = None
+
+
+def spa_layer_ids(config: ViTConfig, layers: list[int] | None) -> list[int]:
+    """SPA layers: as given, else the deeper two thirds (the paper selects only in deeper stages)."""
+    depth = config.num_hidden_layers
+    return sorted(layers) if layers is not None else list(range(depth // 3, depth))
+
+
+class TokenselViTForImageClassification(ViTPreTrainedModel):
+    """ViT classifier whose blocks may carry adapters, Dynamic Tuning dispatchers or SPA gates.
+
+    `forward(pixel_values [B, C, H, W], labels=None, mode=None)`; `mode` defaults to "train" in training
+    and `config.inference_mode` ("skip") in eval. Modes: "train", "mask", "skip", "complete" (Dynamic
+    Tuning teacher: every token runs the MLP). Parameter names of the backbone and head equal
+    `ViTForImageClassification`'s.
+    """
+
+    config_class = TokenselViTConfig
+    config: TokenselViTConfig
+
+    def __init__(self, config: TokenselViTConfig) -> None:
+        super().__init__(config)
+        if config.selector not in METHODS:
+            raise ConfigError(f"selector={config.selector!r} is not one of {METHODS}")
+        dim, depth = config.hidden_size, config.num_hidden_layers
+        self.vit = ViTModel(config, add_pooling_layer=False)
+        self.classifier = nn.Linear(dim, config.num_labels)
+        self.adapters = None
+        if config.adapter_bottleneck > 0:
+            self.adapters = nn.ModuleList([
+                make_adapter(dim, config.adapter_bottleneck, config.adapter_scale, config.adapter_dropout,
+                             config.adapter_experts) for _ in range(depth)])
+        self.dispatchers = self.gates = None
+        if config.selector == "dynamic_tuning":
+            self.dispatchers = nn.ModuleList([
+                DynamicTuningDispatcher(dim, config.dispatcher_tau, config.dispatcher_threshold) for _ in range(depth)])
+        elif config.selector == "spa":
+            self.gates = nn.ModuleDict({str(i): SpaGate(
+                dim, config.spa_selection, config.spa_keep_rate, config.spa_threshold, config.spa_tau,
+                config.spa_fuse_previous) for i in spa_layer_ids(config, config.spa_layers)})
+        self.post_init()
+        self.reset_selector_parameters()
+
+    def reset_selector_parameters(self) -> None:
+        """Re-apply the selectors' own inits (zero adapter up-projection...), which HF's generic
+        `_init_weights` in `post_init` overwrites with its Linear init."""
+        for group in (self.adapters, self.dispatchers, self.gates):
+            for m in (group.modules() if group is not None else ()):
+                if m is not group and hasattr(m, "reset_parameters") and not isinstance(m, nn.Linear):
+                    m.reset_parameters()
+
+    @property
+    def num_tokens(self) -> int:
+        return self.vit.embeddings.patch_embeddings.num_patches + 1
+
+    def forward(self, pixel_values: Tensor, labels: Tensor | None = None, mode: str | None = None,
+                interpolate_pos_encoding: bool | None = None, **kwargs) -> TokenselImageClassifierOutput:
+        cfg = self.config
+        mode = mode or ("train" if self.training else cfg.inference_mode)
+        dtype = self.vit.embeddings.patch_embeddings.projection.weight.dtype
+        x = self.vit.embeddings(pixel_values.to(dtype), interpolate_pos_encoding=bool(interpolate_pos_encoding))
+        row_len = cfg.spa_row_len or default_row_len(x.shape[1], cfg.spa_keep_rate, cfg.spa_selection)
+        masks, logits, rows, ids, prev = [], [], [], [], None
+        for i, layer in enumerate(self.vit.layers):
+            adapter = self.adapters[i] if self.adapters is not None else None
+            if self.dispatchers is not None:
+                x, m, lg = dynamic_tuning_block(layer, x, self.dispatchers[i], adapter, mode, cfg.kernels)
+                r = 0
+            elif self.gates is not None and str(i) in self.gates:
+                if mode == "complete":
+                    raise ValueError("mode='complete' is a Dynamic Tuning mode; SPA has no complete-model pass")
+                x, m, lg, r = spa_block(layer, x, self.gates[str(i)], adapter, prev, mode, row_len,
+                                        cfg.spa_soft_gate, cfg.kernels)
+                prev = lg
+            else:
+                x = dense_block(layer, x, adapter)
+                continue
+            masks.append(m)
+            logits.append(lg)
+            rows.append(r)
+            ids.append(i)
+        out = self.classifier(self.vit.layernorm(x)[:, 0])
+        loss = F.cross_entropy(out, labels) if labels is not None else None
+        return TokenselImageClassifierOutput(loss=loss, logits=out, keep_masks=tuple(masks),
+                                             selector_logits=tuple(logits), packed_rows=tuple(rows),
+                                             selective_layers=tuple(ids))
+
+
+AutoConfig.register(TokenselViTConfig.model_type, TokenselViTConfig, exist_ok=True)
+AutoModelForImageClassification.register(TokenselViTConfig, TokenselViTForImageClassification, exist_ok=True)
+
+
+def to_plain_vit(model: TokenselViTForImageClassification) -> ViTForImageClassification:
+    """The same weights as a stock `ViTForImageClassification` (only valid without adapters/selectors)."""
+    if model.adapters is not None or model.dispatchers is not None or model.gates is not None:
+        raise ConfigError("only a dense model without adapters converts to a plain ViTForImageClassification")
+    cfg = ViTConfig(**{k: getattr(model.config, k) for k in ARCH_KEYS}, id2label=dict(model.config.id2label))
+    plain = ViTForImageClassification(cfg)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    return plain.eval()
+
+
+# ---------------------------------------------------------------- backbones and the cache ------------
+
+
+def cache_dir() -> Path:
+    """`$TOKENSEL_CACHE` or `~/.cache/tokensel` (the same rule as `tokensel.offline`)."""
+    return Path(os.environ.get("TOKENSEL_CACHE", Path.home() / ".cache" / "tokensel"))
+
+
+def resolve_backbone_path(spec: str) -> Path:
+    """`cache:<name>` -> `<cache>/vit/<name>`; anything else is a path (or hub id) as given."""
+    return cache_dir() / "vit" / spec.split(":", 1)[1] if spec.startswith("cache:") else Path(spec)
+
+
+# The small ViT that stands in for an ImageNet checkpoint (no pretrained ViT is available offline).
+# recipes/vit_pretrain.yaml uses exactly these settings; keep them in sync.
+SMALL_VIT = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+                 image_size=56, patch_size=4, num_channels=1, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6)
+PRETRAIN_DATA = dict(dataset="fashion_mnist", image_size=56, batch_size=64, train_size=16000, val_size=2000,
+                     mask_source="none")
+PRETRAIN_OPT = dict(lr=1e-3, weight_decay=0.05, epochs=2, lr_warmup_steps=50, lr_schedule="cosine")
+
+
+def load_backbone(spec: str | None, overrides: dict | None, pretrain_if_missing: bool, quiet: bool
+                  ) -> tuple[ViTConfig, dict | None]:
+    """(ViT config, backbone+head state dict or None) for `model.init_args.backbone`."""
+    overrides = dict(overrides or {})
+    if spec is None:
+        if not quiet:
+            log.warning("tokensel vit: backbone is null, starting from random init (fine for tiny tests; "
+                        "adaptation results need a pretrained backbone, e.g. %s)", DEFAULT_BACKBONE)
+        return ViTConfig(**{**SMALL_VIT, **overrides}), None
+    path = resolve_backbone_path(spec)
+    if spec.startswith("cache:") and not (path / "config.json").exists():
+        if not pretrain_if_missing:
+            log.warning("tokensel vit: %s not in the cache (%s) and pretrain_if_missing is false; random init",
+                        spec, path)
+            return ViTConfig(**{**SMALL_VIT, **overrides}), None
+        log.warning("tokensel vit: %s not found in %s; pretraining it now on Fashion-MNIST, once (same settings "
+                    "as recipes/vit_pretrain.yaml; ~30 min on 2 CPU cores)", spec, path)
+        pretrain_backbone(path)
+    try:
+        src = ViTForImageClassification.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.init_args.backbone={spec}: cannot load a ViT from it ({str(e).splitlines()[0]}); "
+                          f"give a local folder, a reachable hub id, or {DEFAULT_BACKBONE}") from None
+    cfg = src.config
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg, src.state_dict()
+
+
+def pretrain_backbone(out_dir: str | Path, max_steps: int = -1) -> Path:
+    """Pretrain the small ViT on Fashion-MNIST (the `vit_pretrain` recipe's settings) into `out_dir`."""
+    from lightning.pytorch import Trainer, seed_everything
+
+    from tokensel.trainer.vision_data import ImageClassificationData
+
+    seed_everything(0)  # as the recipe's seed_everything: 0
+    model = _SelfOptimizingViT(method="dense", backbone=None, vit_config=SMALL_VIT, finetune="full",
+                               adapter_bottleneck=0, pictures=0, save_backbone_to=str(out_dir),
+                               lr_warmup_steps=PRETRAIN_OPT["lr_warmup_steps"],
+                               lr_schedule=PRETRAIN_OPT["lr_schedule"])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(max_epochs=PRETRAIN_OPT["epochs"], max_steps=max_steps, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp,
+                          limit_val_batches=4)
+        trainer.fit(model, ImageClassificationData(**PRETRAIN_DATA))
+    return Path(out_dir)
+
+
+# ---------------------------------------------------------------- pictures ----------------------------
+
+
+def save_keep_pictures(images: Tensor, masks: list[Tensor], layers: list[int], path: Path) -> Path | None:
+    """PNG grid: one row per image, the input then each selective layer with dropped patches tinted blue.
+
+    Args:
+        images: `[K, C, H, W]` normalised inputs.
+        masks: per selective layer, `[K, T]` keep masks (CLS first).
+        layers: block index of each mask.
+    """
+    from tokensel._optional import MATPLOTLIB_AVAILABLE
+
+    if not MATPLOTLIB_AVAILABLE:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k, _, h, w = images.shape
+    img = images.float().mean(1)
+    img = (img - img.amin((1, 2), keepdim=True)) / (img.amax((1, 2), keepdim=True) - img.amin((1, 2), keepdim=True)
+                                                     + 1e-6)
+    side = math.isqrt(masks[0].shape[1] - 1)
+    fig, axes = plt.subplots(k, len(masks) + 1, figsize=(1.3 * (len(masks) + 1), 1.3 * k), squeeze=False)
+    for r in range(k):
+        axes[r, 0].imshow(img[r], cmap="gray", vmin=0, vmax=1)
+        for c, (m, layer) in enumerate(zip(masks, layers), start=1):
+            keep = m[r, 1:].float().view(1, 1, side, side)
+            keep = F.interpolate(keep, size=(h, w), mode="nearest")[0, 0, ..., None]
+            gray = img[r, ..., None].expand(h, w, 3)
+            dropped = 0.4 * gray + 0.6 * torch.tensor([0.15, 0.3, 0.85])  # dropped patches tinted blue
+            axes[r, c].imshow((keep * gray + (1 - keep) * dropped).clamp(0, 1).numpy())
+            if r == 0:
+                axes[r, c].set_title(f"block {layer}\n{100 * float(m[:, 1:].float().mean()):.0f}% kept", fontsize=7)
+    axes[0, 0].set_title("input", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- LightningModule ---------------------
+
+
+class ViTClassifier(LightningModule):
+    """Image classification with a transformers ViT backbone: dense, Dynamic Tuning or SPA.
+
+    Args:
+        method: "dense" (full fine-tune or the dense-adapter PEFT baseline), "dynamic_tuning", "spa".
+        backbone: a folder with a ViT (`ViTForImageClassification`/`ViTModel`), a hub id, `cache:<name>`
+            (`$TOKENSEL_CACHE/vit/<name>`; `cache:vit-small-fmnist` is pretrained on first use when
+            `pretrain_if_missing`), or null for random init (tiny tests, pretraining from scratch).
+        vit_config: ViTConfig fields; with a backbone only non-architectural ones make sense (dropout).
+        num_labels: classes of the task (the head is new unless `reinit_head` is false and sizes match).
+        finetune: "full" (everything trains), "adapter" (backbone frozen: adapters, selectors and head
+            train), "head" (head and selectors only).
+        adapter_bottleneck / adapter_scale / adapter_dropout / adapter_experts: parallel adapter in every
+            block (0 = none); experts > 1 gives the MoE adapter.
+        keep_rate: Dynamic Tuning's target activation rate r; SPA's top-k keep fraction.
+        rate_weight: weight of `(mean keep - r)^2` (paper code: 2.0).
+        tau / tau_end: Gumbel-sigmoid temperature of the dispatchers, annealed exponentially to `tau_end`
+            over training when set (paper code: 5, constant).
+        threshold: dispatcher keep threshold (0.5).
+        complete_model_loss: add CE of the complete-model pass (the paper's L'_cls); costs a second forward.
+        distill_weight: weight of KL(complete || dynamic) (paper: 1; 0 disables).
+        spa_layers: SPA block indices (None: the deeper two thirds).
+        spa_selection / spa_threshold / spa_tau / spa_fuse_previous / spa_soft_gate / spa_row_len: see
+            `tokensel.modules.spa`.
+        label_weight: alpha of the selection-label BCE (SPA; needs `mask` in batches).
+        kernels: pack/gather back-end (auto | triton | torch).
+        pictures: sample images drawn at each validation end (0 = none).
+        save_backbone_to: after fit, write the model as a plain ViT folder here (`cache:<name>` allowed):
+            how the pretraining recipe fills the cache.
+        pretrain_if_missing: pretrain `cache:vit-small-fmnist` when it is missing (else random init). Exporting
+            on a machine without the cache: pass false (the checkpoint holds every weight).
+        lr_warmup_steps / lr_schedule: per-step linear warmup and "cosine" decay (to 0 at the last step) of the
+            CLI optimizer's lr; LightningCLI's `lr_scheduler:` steps per epoch, too coarse for short runs. Leave
+            `lr_scheduler:` unset when using these.
+    """
+
+    def __init__(self, method: str = "dense", backbone: str | None = DEFAULT_BACKBONE, vit_config: dict | None = None,
+                 num_labels: int = 10, finetune: str = "adapter", reinit_head: bool = True,
+                 adapter_bottleneck: int = 16, adapter_scale: float = 1.0, adapter_dropout: float = 0.1,
+                 adapter_experts: int = 1, keep_rate: float = 0.5, rate_weight: float = 2.0, tau: float = 5.0,
+                 tau_end: float | None = None, threshold: float = 0.5, complete_model_loss: bool = True,
+                 distill_weight: float = 1.0, spa_layers: list[int] | None = None, spa_selection: str = "threshold",
+                 spa_threshold: float = 0.5, spa_tau: float = 1.0, spa_fuse_previous: bool = True,
+                 spa_soft_gate: bool = True, spa_row_len: int | None = None, label_weight: float = 0.01,
+                 kernels: str | None = None, pictures: int = 8, save_backbone_to: str | None = None,
+                 pretrain_if_missing: bool = True, lr_warmup_steps: int = 0, lr_schedule: str = "constant") -> None:
+        super().__init__()
+        self._validate(method, finetune, keep_rate, spa_selection, adapter_experts, lr_schedule)
+        self.save_hyperparameters()
+        base, state = load_backbone(backbone, vit_config, pretrain_if_missing, quiet=finetune == "full")
+        cfg = TokenselViTConfig(
+            **{k: getattr(base, k) for k in ARCH_KEYS}, num_labels=num_labels, selector=method,
+            adapter_bottleneck=adapter_bottleneck, adapter_scale=adapter_scale, adapter_dropout=adapter_dropout,
+            adapter_experts=adapter_experts, dispatcher_tau=tau, dispatcher_threshold=threshold,
+            spa_layers=spa_layer_ids(base, spa_layers), spa_selection=spa_selection, spa_keep_rate=keep_rate,
+            spa_threshold=spa_threshold, spa_tau=spa_tau, spa_fuse_previous=spa_fuse_previous,
+            spa_soft_gate=spa_soft_gate, spa_row_len=spa_row_len, kernels=kernels)
+        self.model = TokenselViTForImageClassification(cfg)
+        if state is not None:
+            self._load_backbone_state(state, reinit_head)
+        self._freeze(finetune)
+        self._picture_batch: tuple[Tensor, list[Tensor], list[int]] | None = None
+
+    @staticmethod
+    def _validate(method, finetune, keep_rate, spa_selection, experts, lr_schedule) -> None:
+        if method not in METHODS:
+            raise ConfigError(f"model.init_args.method={method!r} is not one of {METHODS}")
+        if finetune not in FINETUNE:
+            raise ConfigError(f"model.init_args.finetune={finetune!r} is not one of {FINETUNE}")
+        if not 0.0 < keep_rate <= 1.0:
+            raise ConfigError(f"model.init_args.keep_rate={keep_rate} must lie in (0, 1]")
+        if spa_selection not in ("threshold", "topk"):
+            raise ConfigError(f"model.init_args.spa_selection={spa_selection!r} must be 'threshold' or 'topk'")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"model.init_args.lr_schedule={lr_schedule!r} must be 'constant' or 'cosine'")
+        if method == "spa" and experts > 1:
+            raise ConfigError("model.init_args.adapter_experts > 1 (MoE adapter) routes per image and is a Dynamic "
+                              "Tuning option; SPA packs tokens of several images per row: set adapter_experts: 1")
+
+    def _load_backbone_state(self, state: dict, reinit_head: bool) -> None:
+        head_ok = state.get("classifier.weight") is not None and \
+            state["classifier.weight"].shape == self.model.classifier.weight.shape
+        keep = {k: v for k, v in state.items() if k.startswith("vit.") or (k.startswith("classifier.") and head_ok
+                                                                          and not reinit_head)}
+        missing, unexpected = self.model.load_state_dict(keep, strict=False)
+        bad = [k for k in missing if k.startswith("vit.")] + list(unexpected)
+        if bad:
+            raise ConfigError(f"model.init_args.backbone={self.hparams.backbone}: weights do not fit the ViT "
+                              f"(e.g. {bad[:3]}); vit_config may only change non-architectural fields")
+
+    def _freeze(self, finetune: str) -> None:
+        """Freeze what the fine-tuning mode keeps fixed (the backbone, and for "head" the adapters too)."""
+        self.model.requires_grad_(True)
+        if finetune in ("adapter", "head"):
+            self.model.vit.requires_grad_(False)
+        if finetune == "head" and self.model.adapters is not None:
+            self.model.adapters.requires_grad_(False)
+
+    # ---- forward / steps ----
+
+    @property
+    def method(self) -> str:
+        return self.hparams.method
+
+    @property
+    def eval_mode(self) -> str:
+        # Dynamic Tuning evaluates like the paper's training model (hard mask x dense MLP); the exported
+        # model skips for real and the round-trip test proves the logits agree. SPA always packs.
+        return "mask" if self.method == "dynamic_tuning" else "skip"
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        """Logits `[B, num_labels]` (training decisions in train mode, hard ones in eval)."""
+        return self.model(pixel_values, mode=None if self.training else self.eval_mode).logits
+
+    def _check_batch(self, batch: dict) -> None:
+        size = self.model.config.image_size
+        got = tuple(batch["pixel_values"].shape[-2:])
+        if got != (size, size):
+            raise ConfigError(f"model image_size={size} (backbone / vit_config.image_size) but "
+                              f"data.init_args.image_size gives {got[0]}x{got[1]} images; make them equal")
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        if batch_idx == 0:
+            self._check_batch(batch)
+        self._anneal_tau()
+        self._schedule_lr()
+        x, y = batch["pixel_values"], batch["labels"]
+        out = self.model(x, mode="train")
+        ce = F.cross_entropy(out.logits, y)
+        loss, logs = ce, {"train/ce": ce, "train/acc": (out.logits.argmax(-1) == y).float().mean()}
+        if self.method == "dynamic_tuning":
+            loss = loss + self._dynamic_tuning_losses(x, y, out, logs)
+        elif self.method == "spa":
+            loss = loss + self._spa_losses(batch, out, logs)
+        logs["train/loss"] = loss
+        self.log_dict(logs, prog_bar=False, batch_size=y.shape[0])
+        return loss
+
+    def _dynamic_tuning_losses(self, x: Tensor, y: Tensor, out, logs: dict) -> Tensor:
+        hp = self.hparams
+        masks = torch.stack([m[:, 1:] for m in out.keep_masks], 1)  # [B, L, N], CLS dropped
+        extra = activation_rate_loss(masks, hp.keep_rate, hp.rate_weight)
+        logs["train/rate_loss"], logs["train/keep_rate"] = extra, masks.detach().mean()
+        if hp.complete_model_loss or hp.distill_weight > 0:
+            with torch.set_grad_enabled(hp.complete_model_loss):
+                teacher = self.model(x, mode="complete").logits
+            if hp.complete_model_loss:
+                logs["train/complete_ce"] = F.cross_entropy(teacher, y)
+                extra = extra + logs["train/complete_ce"]
+            if hp.distill_weight > 0:
+                logs["train/distill"] = self_distillation_loss(out.logits, teacher)
+                extra = extra + hp.distill_weight * logs["train/distill"]
+        return extra
+
+    def _spa_losses(self, batch: dict, out, logs: dict) -> Tensor:
+        logs["train/keep_rate"] = torch.stack([m[:, 1:].detach().float().mean() for m in out.keep_masks]).mean()
+        if self.hparams.label_weight <= 0:
+            return out.logits.new_zeros(())
+        if "mask" not in batch:
+            raise ConfigError("model.init_args.label_weight > 0 needs selection masks in batches; set "
+                              "data.init_args.mask_source (ink / column / boxes) or label_weight: 0")
+        labels = patch_labels(batch["mask"], self.model.config.patch_size)
+        loss = selection_label_loss(list(out.selector_logits), labels, self.hparams.label_weight)
+        logs["train/label_loss"] = loss
+        return loss
+
+    def _anneal_tau(self) -> None:
+        hp = self.hparams
+        if hp.tau_end is None or self.model.dispatchers is None or self._trainer is None:
+            return
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        tau = hp.tau * (hp.tau_end / hp.tau) ** min(1.0, self.global_step / total)
+        for d in self.model.dispatchers:
+            d.set_tau(tau)
+
+    def _schedule_lr(self) -> None:
+        hp = self.hparams
+        if (hp.lr_warmup_steps <= 0 and hp.lr_schedule == "constant") or self._trainer is None:
+            return
+        step, total = self.global_step, max(1, int(self.trainer.estimated_stepping_batches))
+        factor = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps > 0 else 1.0
+        if hp.lr_schedule == "cosine":
+            factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                group.setdefault("tokensel_base_lr", group["lr"])  # the configured lr, remembered once
+                group["lr"] = group["tokensel_base_lr"] * factor
+
+    def _eval_step(self, batch: dict, batch_idx: int, prefix: str) -> Tensor:
+        if batch_idx == 0:
+            self._check_batch(batch)
+        x, y = batch["pixel_values"], batch["labels"]
+        out = self.model(x, mode=self.eval_mode)
+        loss = F.cross_entropy(out.logits, y)
+        logs = {f"{prefix}/loss": loss, f"{prefix}/acc": (out.logits.argmax(-1) == y).float().mean()}
+        if out.keep_masks:
+            rates = torch.stack([m[:, 1:].float().mean() for m in out.keep_masks])
+            logs[f"{prefix}/keep_rate"] = rates.mean()
+        self.log_dict(logs, prog_bar=prefix == "val", batch_size=y.shape[0])
+        if batch_idx == 0 and prefix == "val" and out.keep_masks and self.hparams.pictures > 0:
+            k = self.hparams.pictures
+            self._picture_batch = (x[:k].detach().cpu(), [m[:k].detach().cpu() for m in out.keep_masks],
+                                   list(out.selective_layers))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, batch_idx, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self(batch["pixel_values"]).argmax(-1)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._picture_batch is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        images, masks, layers = self._picture_batch
+        self._picture_batch = None
+        root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        save_keep_pictures(images, masks, layers, root / "pictures" / f"keep_step{self.global_step:06d}.png")
+
+    def on_fit_end(self) -> None:
+        target = self.hparams.save_backbone_to
+        if target and self.trainer.is_global_zero:
+            path = resolve_backbone_path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            to_plain_vit(self.model).save_pretrained(str(tmp))
+            if path.exists():
+                import shutil
+
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            log.warning("tokensel vit: saved the trained backbone to %s", path)
+
+    # ---- export ----
+
+    def export_hf(self, out_dir: str, adapter_only: bool = False, datamodule=None) -> str:
+        """Write config.json + model.safetensors + preprocessor_config.json.
+
+        Dense models without adapters export as a stock `ViTForImageClassification`; everything else as
+        `TokenselViTForImageClassification` (model_type `tokensel_vit`, loads after `import tokensel`),
+        which runs the hard, compute-skipping path in eval.
+        """
+        from tokensel.trainer.vision_data import preprocessor_config
+
+        if adapter_only:
+            raise ConfigError("export --adapter_only: ViT adapters are parallel modules with no PEFT adapter "
+                              "format; export the full model (drop --adapter_only)")
+        model = self.model.eval()
+        plain = self.method == "dense" and model.adapters is None
+        (to_plain_vit(model) if plain else model).save_pretrained(out_dir)
+        if datamodule is not None and hasattr(datamodule, "preprocessor_config"):
+            pp = datamodule.preprocessor_config()
+        else:
+            c = model.config.num_channels
+            pp = preprocessor_config(model.config.image_size, [0.5] * c, [0.5] * c)
+        Path(out_dir, "preprocessor_config.json").write_text(json.dumps(pp, indent=2) + "\n")
+        return out_dir
+
+
+class _SelfOptimizingViT(ViTClassifier):
+    """ViTClassifier with its own optimizer (the pretraining helper runs without the CLI): AdamW as in
+    `recipes/vit_pretrain.yaml` (warmup and cosine come from `lr_warmup_steps` / `lr_schedule`)."""
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=PRETRAIN_OPT["lr"],
+                                 weight_decay=PRETRAIN_OPT["weight_decay"])
+
+
+__all__ = ["ViTClassifier", "TokenselViTConfig", "TokenselViTForImageClassification"]

@@ -1,0 +1,179 @@
+"""Dynamic Tuning: Gumbel-sigmoid straight-through, dispatcher gradients, hard skipping == masked
+computation, the MLP really runs on kept tokens only, adapters, and the rate loss reaching its target."""
+
+import pytest
+import torch
+from transformers import ViTForImageClassification
+
+from tokensel.modules.dynamic_tuning import (
+    BottleneckAdapter,
+    DynamicTuningDispatcher,
+    MoEAdapter,
+    activation_rate_loss,
+    dense_block,
+    dynamic_tuning_block,
+    gumbel_sigmoid,
+    self_distillation_loss,
+)
+from tokensel.trainer.vit import TokenselViTConfig, TokenselViTForImageClassification, to_plain_vit
+
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=28,
+            patch_size=4, num_channels=1, num_labels=5)
+
+
+def tiny_model(selector="dynamic_tuning", **kw) -> TokenselViTForImageClassification:
+    torch.manual_seed(0)
+    model = TokenselViTForImageClassification(TokenselViTConfig(**TINY, selector=selector, adapter_bottleneck=8,
+                                                                **kw))
+    with torch.no_grad():  # non-trivial selections and adapters (the inits give ~50% keep and zero adapters)
+        for name, p in model.named_parameters():
+            if name.startswith(("dispatchers", "gates", "adapters")):
+                p.normal_(0, 0.5) if name.endswith("weight") else p.zero_()
+    return model
+
+
+def test_gumbel_sigmoid_is_hard_with_soft_gradient():
+    logits = torch.randn(64, 10, requires_grad=True)
+    m = gumbel_sigmoid(logits, tau=5.0)
+    assert set(m.detach().unique().tolist()) <= {0.0, 1.0}
+    (m * torch.arange(10.0)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_gumbel_sigmoid_keep_probability_is_sigmoid_of_logit():
+    # logistic noise + threshold 0.5: P(keep) = P(l + noise > 0) = sigmoid(l), whatever tau is
+    g = torch.Generator().manual_seed(0)
+    for tau in (5.0, 0.5):
+        m = gumbel_sigmoid(torch.full((40000,), 1.0), tau=tau, generator=g)
+        assert abs(m.mean().item() - torch.sigmoid(torch.tensor(1.0)).item()) < 0.015
+
+
+def test_straight_through_gradient_reaches_the_dispatcher():
+    model = tiny_model().train()
+    x = torch.randn(4, 1, 28, 28)
+    out = model(x, mode="train")
+    out.logits.square().sum().backward()
+    # the last block's patch tokens never reach the CLS-token head, so its dispatcher gets no task gradient
+    for d in model.dispatchers[:-1]:
+        assert d.proj.weight.grad is not None and d.proj.weight.grad.abs().sum() > 0
+    assert all(torch.all(m[:, 0] == 1) for m in out.keep_masks)  # CLS always kept
+
+
+def test_dispatcher_eval_is_threshold_of_sigmoid():
+    d = DynamicTuningDispatcher(16, threshold=0.5).eval()
+    x = torch.randn(3, 9, 16)
+    m, logits = d(x, stochastic=False)
+    assert torch.equal(m[:, 1:], (logits > 0).float()) and torch.all(m[:, 0] == 1)
+
+
+def test_hard_skip_equals_masked_computation():
+    model = tiny_model().eval()
+    x = torch.randn(6, 1, 28, 28)
+    with torch.no_grad():
+        masked, skipped = model(x, mode="mask"), model(x, mode="skip")
+    rates = [m[:, 1:].mean().item() for m in skipped.keep_masks]
+    assert all(0.05 < r < 0.95 for r in rates), rates  # the test exercises real skipping
+    torch.testing.assert_close(skipped.logits, masked.logits, atol=1e-6, rtol=1e-6)
+    for a, b in zip(masked.keep_masks, skipped.keep_masks):
+        assert torch.equal(a, b)
+
+
+def test_skip_runs_the_mlp_on_kept_tokens_only():
+    model = tiny_model().eval()
+    rows = []
+    hooks = [layer.mlp.fc1.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+             for layer in model.vit.layers]
+    with torch.no_grad():
+        out = model(torch.randn(5, 1, 28, 28), mode="skip")
+    for h in hooks:
+        h.remove()
+    assert rows == [int(m.sum()) for m in out.keep_masks]  # gathered rows = kept tokens (incl. CLS)
+    assert sum(rows) < 5 * model.num_tokens * len(rows)
+
+
+def test_block_modes_and_complete_pass():
+    model = tiny_model().eval()
+    layer, disp, ad = model.vit.layers[0], model.dispatchers[0], model.adapters[0]
+    x = torch.randn(2, model.num_tokens, 32)
+    full, ones, _ = dynamic_tuning_block(layer, x, disp, ad, mode="complete")
+    assert torch.all(ones == 1)
+    torch.testing.assert_close(full, dense_block(layer, x, ad))
+    with pytest.raises(ValueError, match="mode"):
+        dynamic_tuning_block(layer, x, disp, ad, mode="bogus")
+
+
+def test_dense_path_matches_transformers_vit():
+    model = TokenselViTForImageClassification(TokenselViTConfig(**TINY)).eval()
+    plain = to_plain_vit(model)
+    assert isinstance(plain, ViTForImageClassification)
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, plain(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_adapters_start_at_zero_and_moe_with_one_expert_is_a_bottleneck():
+    x = torch.randn(2, 7, 16)
+    assert torch.all(BottleneckAdapter(16, 4)(x) == 0) and torch.all(MoEAdapter(16, 4, 3)(x) == 0)
+    moe, plain = MoEAdapter(16, 4, num_experts=1, dropout=0.0), BottleneckAdapter(16, 4, dropout=0.0)
+    with torch.no_grad():
+        plain.down.weight.copy_(moe.down_weight[0])
+        moe.up_weight.normal_()
+        plain.up.weight.copy_(moe.up_weight[0])
+    torch.testing.assert_close(moe(x), plain(x))
+
+
+def test_moe_adapter_routes_per_image():
+    moe = MoEAdapter(16, 4, num_experts=4, dropout=0.0)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_()
+    x = torch.randn(3, 7, 16)
+    alone = torch.cat([moe(x[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(moe(x), alone)  # routing depends on each image only
+
+
+def test_losses():
+    masks = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert activation_rate_loss(masks, 0.5, 2.0).item() == pytest.approx(2.0 * 0.25 ** 2)
+    s = torch.randn(4, 5, requires_grad=True)
+    t = torch.randn(4, 5, requires_grad=True)
+    kl = self_distillation_loss(s, t)
+    kl.backward()
+    assert kl.item() >= 0 and t.grad is None  # the teacher is detached
+
+
+def test_rate_loss_drives_keep_rate_to_target():
+    """Tiny run: frozen random backbone, CE + rate loss (weight 2, as the paper) from ~50% to r = 0.25."""
+    from tokensel.trainer.vision_data import synthetic_images
+
+    torch.manual_seed(0)
+    model = TokenselViTForImageClassification(TokenselViTConfig(**TINY, selector="dynamic_tuning",
+                                                                adapter_bottleneck=8)).train()
+    model.vit.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    data = synthetic_images(256, 28, 5, seed=0)
+    x = (data.images.float() / 255 - 0.5) / 0.5
+    target, rates = 0.25, []
+    for _ in range(80):
+        idx = torch.randint(0, 256, (32,))
+        out = model(x[idx], mode="train")
+        masks = torch.stack([m[:, 1:] for m in out.keep_masks], 1)
+        loss = torch.nn.functional.cross_entropy(out.logits, data.labels[idx]) + activation_rate_loss(masks, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rates.append(masks.mean().item())
+    assert rates[0] > 0.4
+    assert abs(sum(rates[-10:]) / 10 - target) < 0.05, rates[-10:]
+
+
+def test_moe_adapter_model_save_and_reload(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    model = tiny_model(adapter_experts=4).eval()
+    assert isinstance(model.adapters[0], MoEAdapter)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, model(x, mode="mask").logits, atol=1e-5, rtol=1e-5)
