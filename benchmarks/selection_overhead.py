@@ -31,8 +31,14 @@ TINY = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 64, "intermedi
 
 
 def configs(cache_path: str) -> list[tuple[str, dict]]:
-    from tokensel.modules import (EslmSelection, FullSelection, QTuningSelection, RandomSelection, Rho1Selection,
-                                  SsTokenSelection)
+    from tokensel.modules import (
+        EslmSelection,
+        FullSelection,
+        QTuningSelection,
+        RandomSelection,
+        Rho1Selection,
+        SsTokenSelection,
+    )
 
     return [
         ("full", {"selector": FullSelection()}),

@@ -464,7 +464,8 @@ class SFTDataModule(TextDataModule):
         drops and counts), shuffle, seed, max_samples.
     """
 
-    def __init__(self, train_files: list[str] | None = None, format: Literal["auto", "prompt_response", "messages"] = "auto",
+    def __init__(self, train_files: list[str] | None = None,
+                 format: Literal["auto", "prompt_response", "messages"] = "auto",
                  column_map: dict[str, str] | None = None, packing: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         if format not in ("auto", "prompt_response", "messages"):

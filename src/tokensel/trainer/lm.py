@@ -315,7 +315,8 @@ class SelectiveLM(LightningModule):
             loss, denom = weighted_token_loss(loss_tok, w, valid, self.normaliser)
             shown = loss.detach()
         n_valid = valid0.sum().clamp_min(1)
-        return {"loss": loss, "shown_loss": shown, "keep_ratio": float((w > 0).sum() / n_valid), "selected": float(denom),
+        return {"loss": loss, "shown_loss": shown, "keep_ratio": float((w > 0).sum() / n_valid),
+                "selected": float(denom),
                 "samples_kept": batch["labels"].shape[0] / n_samples,
                 "full_loss": float(loss_tok.detach().sum() / valid.sum().clamp_min(1)),
                 "forward_tokens": int(batch["labels"].numel())}
