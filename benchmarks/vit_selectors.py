@@ -50,7 +50,9 @@ TASKS = {
     "fashion_mnist": (["--data.init_args.dataset", "fashion_mnist", "--data.init_args.train_skip", "16000",
                        "--data.init_args.train_size", "8000", "--data.init_args.val_size", "2000"],
                       dict(dataset="fashion_mnist", train_skip=16000, train_size=8000, val_size=2000)),
-    "mnist": ([], dict(dataset="mnist", val_size=500, test_size=1000)),
+    "mnist": (["--data.init_args.dataset", "mnist", "--data.init_args.train_skip", "0", "--data.init_args.train_size",
+               "null", "--data.init_args.val_size", "500", "--data.init_args.test_size", "1000"],
+              dict(dataset="mnist", val_size=500, test_size=1000)),
 }
 TASK_TEXT = {
     "fashion_mnist": "Fashion-MNIST, 8,000 train images unseen in pretraining / 2,000 val / official 10k test",
@@ -154,6 +156,55 @@ def throughput(models: dict, x: torch.Tensor, rounds: int, iters: int) -> dict:
     return {k: x.shape[0] / statistics.median(v) for k, v in times.items()}
 
 
+class FixedSelection(torch.nn.Module):
+    """Stands in for an `SpaGate`: always selects `keep [B, N]` (plus CLS)."""
+
+    num_prefix = 1
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def forward(self, x, prev=None, stochastic=False):
+        ones = self.keep.new_ones(self.keep.shape[0], 1)
+        return torch.cat([ones, self.keep], 1), torch.zeros_like(self.keep)
+
+
+def frozen_backbone_probe(cache: Path, images: int) -> list[tuple[str, float]]:
+    """Accuracy of the pretrained backbone with its own Fashion-MNIST head when SPA blocks (default layers)
+    see only a fixed token subset: does the frozen model need the background tokens?"""
+    from transformers import ViTForImageClassification
+
+    from tokensel.modules.spa import patch_labels, topk_keep
+    from tokensel.trainer.vision_data import ImageClassificationData
+    from tokensel.trainer.vit import ARCH_KEYS, TokenselViTConfig, TokenselViTForImageClassification
+
+    stock = ViTForImageClassification.from_pretrained(str(cache))
+    cfg = TokenselViTConfig(**{k: getattr(stock.config, k) for k in ARCH_KEYS}, num_labels=stock.config.num_labels,
+                            selector="spa", spa_soft_gate=False)
+    model = TokenselViTForImageClassification(cfg)
+    model.load_state_dict(stock.state_dict(), strict=False)
+    model.eval()
+    data = ImageClassificationData(dataset="fashion_mnist", image_size=cfg.image_size, eval_batch_size=images,
+                                   mask_source="ink")
+    data.setup()
+    b = next(iter(data.test_dataloader()))
+    ink = patch_labels(b["mask"], cfg.patch_size)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(ink.shape, generator=g)
+    picks = {"all tokens (dense)": torch.ones_like(ink), "ink patches only": ink,
+             "50%: ink patches first": topk_keep(ink + 0.01 * noise, 0.5).float(),
+             "50% at random": topk_keep(noise, 0.5).float(), "70% at random": topk_keep(noise, 0.7).float()}
+    out = []
+    for name, keep in picks.items():
+        for k in list(model.gates.keys()):
+            model.gates[k] = FixedSelection(keep)
+        with torch.inference_mode():
+            acc = (model(b["pixel_values"]).logits.argmax(-1) == b["labels"]).float().mean().item()
+        out.append((f"{name} (kept {float(keep.mean()):.2f})", 100 * acc))
+    return out
+
+
 # ---------------------------------------------------------------- report ------------------------------
 
 
@@ -210,7 +261,12 @@ def write_report(rows: list[dict], args, meta: dict) -> str:
             ok = r["ips"] / base["ips"] >= 1.3 and r["acc"] >= base["acc"] - 1.0
             lines.append(f"- {r['name']}: {r['ips'] / base['ips']:.2f}x, {r['acc'] - base['acc']:+.1f} points -> "
                          f"{'met' if ok else 'not met'}")
-    lines += ["", meta.get("notes", "")]
+    if meta.get("probe"):
+        lines += ["", "Frozen-backbone probe: the pretrained backbone with its own Fashion-MNIST head (no adapters, "
+                  f"no training), blocks {meta['probe_layers']} computing only a fixed token subset (SPA's packed "
+                  f"path, no soft gate), {meta['probe_images']} test images:", "",
+                  "| tokens the SPA blocks see | test acc % |", "|---|---|"]
+        lines += [f"| {name} | {acc:.1f} |" for name, acc in meta["probe"]]
     return "\n".join(lines) + "\n"
 
 
@@ -224,6 +280,9 @@ def main() -> None:
     p.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5])
     p.add_argument("--dyt-paper-losses", action=argparse.BooleanOptionalAction, default=True,
                    help="Dynamic Tuning with the complete-model CE and distillation terms (a 2nd forward per step)")
+    p.add_argument("--spa-late", action=argparse.BooleanOptionalAction, default=True,
+                   help="also SPA gating only the deeper half of the blocks")
+    p.add_argument("--probe-images", type=int, default=500, help="frozen-backbone probe (fashion_mnist task); 0 = skip")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads while timing")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
@@ -263,6 +322,13 @@ def main() -> None:
     for r in args.keep_rates:
         plan.append((f"SPA top-k {r}", "spa", f"spa_k{r}", ["--model.init_args.keep_rate", str(r),
                                                              "--model.init_args.spa_selection", "topk"], r))
+    if args.spa_late:
+        depth = ViTForImageClassification.config_class.from_pretrained(str(cache)).num_hidden_layers
+        late = list(range(depth // 2, depth))
+        for r in args.keep_rates:
+            plan.append((f"SPA top-k {r}, blocks {late[0]}-{late[-1]}", "spa", f"spa_late_k{r}",
+                         ["--model.init_args.keep_rate", str(r), "--model.init_args.spa_selection", "topk",
+                          "--model.init_args.spa_layers", str(late).replace(" ", "")], r))
     rows = []
     for name, recipe, run, overrides, target in plan:
         seconds, _ = adapt(recipe, run, args.steps, [*data_over, *overrides], exports)
@@ -288,10 +354,16 @@ def main() -> None:
         r["ips"] = ips[r["name"]]
     rows.append({"name": "stock HF ViT, no adapter (reference)", "keep": 1.0, "acc": None, "macs": float("nan"),
                  "ips": ips["stock HF ViT, no adapter (reference)"]})
+    run_probe = args.task == "fashion_mnist" and args.probe_images > 0
+    probe = frozen_backbone_probe(cache, args.probe_images) if run_probe else []
+    from tokensel.trainer.vit import spa_layer_ids
+
+    probe_layers = spa_layer_ids(stock.config, None)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     meta = {"command": command, "backbone": backbone, "load_before": load_before, "load_after": load_after,
             "test_images": len(test), "task": TASK_TEXT[args.task], "data_overrides": " ".join(data_over),
-            "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.perf_counter() - meta_t0}
+            "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.perf_counter() - meta_t0, "probe": probe,
+            "probe_layers": f"{probe_layers[0]}-{probe_layers[-1]}", "probe_images": args.probe_images}
     report = write_report(rows, args, meta)
     print(report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

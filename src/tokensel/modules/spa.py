@@ -86,6 +86,9 @@ class SpaGate(nn.Module):
         self.proj = nn.Linear(dim, 1)
         self.selection, self.keep_rate, self.threshold = selection, float(keep_rate), float(threshold)
         self.tau, self.fuse_previous, self.num_prefix = float(tau), bool(fuse_previous), int(num_prefix)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.proj.weight, std=0.02)
         nn.init.zeros_(self.proj.bias)
 
