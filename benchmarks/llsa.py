@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from tokensel.kernels.llsa import llsa_attention
 from tokensel.kernels.llsa_reference import make_plan
+from tokensel.machine import cpu_model
 
 
 def auto_levels(n: int, block: int) -> int:
@@ -92,16 +93,6 @@ def bench_provider(name: str, n: int, args, backward: bool = True) -> tuple[floa
 
     t_fwd = time_call(fwd, args.device, args.min_time, args.reps)
     return t_fwd, time_call(fwd_bwd, args.device, args.min_time, args.reps) if backward else None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def growth(times: list[float | None]) -> list[str]:

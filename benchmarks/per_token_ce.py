@@ -22,6 +22,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from tokensel.machine import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results" / "per_token_ce.md"
 
 
@@ -70,16 +72,6 @@ def run_isolated(provider, n, h, v, keep, repeats) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, nargs="+", default=[2048, 8192])
@@ -116,7 +108,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         f"# Per-token linear CE: chunked op vs naive full logits\n\n"
-        f"- date: {date.today()}\n- machine: {cpu_name()}, {torch.get_num_threads()} torch threads, no GPU\n"
+        f"- date: {date.today()}\n- machine: {cpu_model()}, {torch.get_num_threads()} torch threads, no GPU\n"
         f"- versions: torch {torch.__version__}, python {platform.python_version()}\n"
         f"- command: `{cmd.strip()}`\n- fp32; each row measured in its own subprocess; times are the best of "
         f"{args.repeats}; peak extra = peak RSS minus RSS after inputs (includes dX/dW buffers)\n\n{table}\n")

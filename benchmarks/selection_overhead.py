@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from tokensel.machine import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results" / "selection_overhead.md"
 TINY = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -151,19 +153,12 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         f"# Selector overhead: optimizer-step time ÷ full SFT\n\n- date: {date.today()}\n"
-        f"- machine: {_cpu()}, {torch.get_num_threads()} torch threads, no GPU\n"
+        f"- machine: {cpu_model()}, {torch.get_num_threads()} torch threads, no GPU\n"
         f"- versions: torch {torch.__version__}, python {platform.python_version()}\n"
         f"- command: `python benchmarks/selection_overhead.py {' '.join(sys.argv[1:])}`\n"
         f"- model: {what}; batch {args.batch} x {args.seq} tokens max; {args.steps} timed steps after 1 warm-up; "
         f"same fixed batches for every row, configurations interleaved step by step\n\n{table}\n")
     print(f"wrote {RESULTS}")
-
-
-def _cpu() -> str:
-    try:
-        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

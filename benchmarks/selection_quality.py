@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from tokensel.machine import cpu_model
+
 RESULTS = Path(__file__).resolve().parent / "results" / "selection_quality.md"
 TINY_LLAMA = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(
             "# Selection quality at equal optimizer steps (reduced scale, CPU)\n\n"
             f"- date: {date.today()}\n"
-            f"- machine: {_cpu()}, {torch.get_num_threads()} torch threads, no GPU; load average at start "
+            f"- machine: {cpu_model()}, {torch.get_num_threads()} torch threads, no GPU; load average at start "
             f"{load0:.1f} (shared machine)\n"
             f"- versions: torch {torch.__version__}, transformers {transformers.__version__}, "
             f"python {platform.python_version()}\n"
@@ -374,13 +376,6 @@ def main(argv: list[str] | None = None) -> None:
                if r["n_gen"] else "- answer accuracy: not run (--n-gen 0)\n") +
             f"- part wall time: {time.perf_counter() - t0:.0f} s\n\n{table}\n")
         write()
-
-
-def _cpu() -> str:
-    try:
-        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

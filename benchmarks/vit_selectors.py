@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from tokensel.machine import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "vit_selectors.md"
 # task -> (CLI overrides of the recipes' data section, ImageClassificationData kwargs of the test split)
@@ -206,16 +208,6 @@ def frozen_backbone_probe(cache: Path, images: int) -> list[tuple[str, float]]:
 
 
 # ---------------------------------------------------------------- report ------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def versions() -> str:
