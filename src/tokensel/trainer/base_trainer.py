@@ -223,15 +223,19 @@ def _check_trainer_nulls(kwargs: dict) -> None:
 
 
 def resolve_ckpt_path(ckpt_path: str, root: str) -> str:
-    """`last` / `best` name files in the run folder; anything else must exist."""
+    """`last` / `best` name the newest such file in the run folder; anything else must exist.
+
+    Newest by modification time, as Lightning resolves `last`: a second run under the same run name
+    writes `last-v1.ckpt` (Lightning never overwrites an earlier run's file), and `last` must then mean
+    that run's weights, not the stale `last.ckpt`.
+    """
     if ckpt_path in ("last", "best"):
         folder = Path(root)
-        cands = [folder / "last.ckpt"] if ckpt_path == "last" else sorted(folder.glob("best*.ckpt"))
-        cands = [c for c in cands if c.exists()]
+        cands = [c for c in folder.glob(f"{ckpt_path}*.ckpt") if c.is_file()]
         if not cands:
             raise TokenselError(f"--ckpt_path {ckpt_path}: no {ckpt_path} checkpoint in {folder}/; "
                                 "train first or pass a checkpoint file")
-        return str(cands[-1])
+        return str(max(cands, key=lambda c: (c.stat().st_mtime_ns, c.name)))
     if not Path(ckpt_path).exists():
         raise TokenselError(f"--ckpt_path {ckpt_path}: no such file or directory")
     return ckpt_path
