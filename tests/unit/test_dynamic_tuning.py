@@ -78,6 +78,21 @@ def test_hard_skip_equals_masked_computation():
         assert torch.equal(a, b)
 
 
+def test_hard_skip_under_autograd_matches_masked_values_and_gradients():
+    # inference adds in place; with autograd the out-of-place add must give the masked path's gradients
+    x = torch.randn(4, 1, 28, 28)
+    grads = []
+    for mode in ("mask", "skip"):
+        model = tiny_model().eval()
+        out = model(x, mode=mode)
+        out.logits.square().sum().backward()
+        grads.append((out.logits.detach(), model.vit.layers[1].mlp.fc1.weight.grad.clone(),
+                      model.adapters[2].down.weight.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert grads[0][1].abs().sum() > 0
+
+
 def test_skip_runs_the_mlp_on_kept_tokens_only():
     model = tiny_model().eval()
     rows = []
