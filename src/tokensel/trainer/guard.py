@@ -31,8 +31,9 @@ def _step_info(trainer, pl_module) -> tuple[float | None, float | None]:
     metrics = trainer.callback_metrics
     if loss is None and "train/loss" in metrics:
         loss = metrics["train/loss"]
-    if keep is None and "train/keep_ratio" in metrics:
-        keep = metrics["train/keep_ratio"]
+    for key in ("train/keep_ratio", "train/keep_rate"):  # LM selectors / ViT dispatchers and gates
+        if keep is None and key in metrics:
+            keep = metrics[key]
     as_float = (lambda v: None if v is None else float(v.detach()) if isinstance(v, torch.Tensor) else float(v))
     return as_float(loss), as_float(keep)
 
