@@ -46,6 +46,7 @@ from tokensel.modules.dynamic_tuning import dense_block
 
 SELECTIONS = ("threshold", "topk")
 SPA_MODES = ("train", "skip", "mask")
+GATE_BIAS_INIT = 2.2  # logit of 0.9
 
 
 def upsample_scores(prev: Tensor, n: int) -> Tensor:
@@ -90,7 +91,9 @@ class SpaGate(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.proj.weight, std=0.02)
-        nn.init.zeros_(self.proj.bias)
+        # sigmoid(2.2) = 0.9: the soft gate scales the tokens entering the block (and so the residual
+        # stream) by sigmoid(s); a zero bias would halve every token of a pretrained backbone at step 0.
+        nn.init.constant_(self.proj.bias, GATE_BIAS_INIT)
 
     def scores(self, x: Tensor, prev: Tensor | None = None) -> Tensor:
         """Gate logits `[B, N]` of the patch tokens of `x [B, T, C]`, fused with `prev` when enabled."""
