@@ -66,6 +66,46 @@ def test_dispatcher_eval_is_threshold_of_sigmoid():
     assert torch.equal(m[:, 1:], (logits > 0).float()) and torch.all(m[:, 0] == 1)
 
 
+def _undecided_dispatcher(calibrate: bool) -> DynamicTuningDispatcher:
+    # logits 0.5 + N(0, 0.1^2) for every token: training keeps ~sigmoid(0.5) = 62%, the plain rule ~100%
+    d = DynamicTuningDispatcher(16, calibrate=calibrate)
+    with torch.no_grad():
+        d.proj.weight.normal_(0, 0.1 / 4)
+        d.proj.bias.fill_(0.5)
+    return d
+
+
+def test_calibrated_dispatcher_keeps_at_inference_what_it_keeps_in_training():
+    torch.manual_seed(0)
+    x = torch.randn(8, 65, 16)
+    for calibrate in (False, True):
+        d = _undecided_dispatcher(calibrate).train()
+        train_keep = torch.stack([d(x, stochastic=True)[0][:, 1:].mean() for _ in range(100)]).mean().item()
+        assert abs(train_keep - 0.62) < 0.02
+        d.eval()
+        m, logits = d(x, stochastic=False)
+        eval_keep = m[:, 1:].mean().item()
+        if calibrate:  # the offset is the quantile of the logits at the training keep rate
+            assert abs(eval_keep - 0.62) < 0.03, eval_keep
+            assert torch.equal(m[:, 1:], (logits > d.offset).float())
+        else:  # the paper's rule: logit > 0, offset never moves
+            assert eval_keep > 0.99 and d.offset.item() == 0.0
+
+
+def test_calibration_offset_travels_with_the_exported_model(tmp_path):
+    model = tiny_model(dispatcher_calibrate=True).train()
+    x = torch.randn(4, 1, 28, 28)
+    for _ in range(3):
+        model(x, mode="train")
+    offsets = torch.stack([d.offset for d in model.dispatchers])
+    assert offsets.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    loaded = TokenselViTForImageClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(torch.stack([d.offset for d in loaded.dispatchers]), offsets)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model.eval()(x).logits)
+
+
 def test_hard_skip_equals_masked_computation():
     model = tiny_model().eval()
     x = torch.randn(6, 1, 28, 28)

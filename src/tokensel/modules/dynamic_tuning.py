@@ -101,20 +101,42 @@ class DynamicTuningDispatcher(nn.Module):
         tau: Gumbel-sigmoid temperature (official code: 5, constant); `set_tau` anneals it.
         threshold: keep when the (noisy, in training) sigmoid exceeds it; 0.5 as in the paper.
         num_prefix: leading tokens always kept (CLS).
+        calibrate: track, during training, the logit `offset` at which the hard inference rule keeps as
+            many tokens as training does (see below); False keeps the paper's rule exactly (offset 0).
+        momentum: EMA momentum of that offset (per training step).
+
+    Why calibrate: training keeps a token with probability `sigmoid(logit)` (logistic noise), inference
+    when `logit > 0`. The rate loss fixes the *mean* of `sigmoid(logit)`, so a dispatcher that stays
+    undecided (logits near +0.5 for every token) keeps ~60% in training but ~90% at inference: we saw a
+    trained r = 0.5 model keep 0.57 at inference. With `calibrate`, the offset is an EMA over training
+    batches of the `1 - mean(sigmoid(logit))` quantile of the logits, and inference keeps `logit > offset`;
+    the per-token decisions stay data-dependent thresholds. It is a buffer, so checkpoints and exported
+    models carry it. Not in the paper.
     """
 
-    def __init__(self, dim: int, tau: float = 5.0, threshold: float = 0.5, num_prefix: int = 1) -> None:
+    def __init__(self, dim: int, tau: float = 5.0, threshold: float = 0.5, num_prefix: int = 1,
+                 calibrate: bool = False, momentum: float = 0.9) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, 1)
         self.tau, self.threshold, self.num_prefix = float(tau), float(threshold), int(num_prefix)
+        self.calibrate, self.momentum = bool(calibrate), float(momentum)
+        self.register_buffer("offset", torch.zeros(()))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.proj.weight, std=0.02)
         nn.init.zeros_(self.proj.bias)
+        self.offset.zero_()
 
     def set_tau(self, tau: float) -> None:
         self.tau = float(tau)
+
+    @torch.no_grad()
+    def _track_offset(self, logits: Tensor) -> None:
+        lg = logits.detach().float().flatten()
+        rate = torch.sigmoid(lg).mean()
+        quantile = torch.quantile(lg, (1 - rate).clamp(0, 1))
+        self.offset.lerp_(quantile.to(self.offset.dtype), 1 - self.momentum)
 
     def forward(self, x: Tensor, stochastic: bool) -> tuple[Tensor, Tensor]:
         """`x [B, T, C]` -> (mask `[B, T]` 0/1 with prefix forced on, straight-through when stochastic;
@@ -122,8 +144,10 @@ class DynamicTuningDispatcher(nn.Module):
         logits = self.proj(x[:, self.num_prefix:]).squeeze(-1)
         if stochastic:
             m = gumbel_sigmoid(logits, self.tau, self.threshold)
+            if self.calibrate and self.training:
+                self._track_offset(logits)
         else:
-            m = (torch.sigmoid(logits) > self.threshold).to(x.dtype)
+            m = (torch.sigmoid(logits - self.offset) > self.threshold).to(x.dtype)
         ones = m.new_ones(m.shape[0], self.num_prefix)
         return torch.cat([ones, m], dim=1), logits
 
