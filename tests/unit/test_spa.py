@@ -137,3 +137,14 @@ def test_spa_model_packs_rows_and_skip_equals_mask():
         skip, mask = model(x, mode="skip"), model(x, mode="mask")
     assert all(0 < r <= 3 for r in skip.packed_rows)  # rows of 100 slots hold two or more images
     torch.testing.assert_close(skip.logits, mask.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gate_init_keeps_a_pretrained_residual_stream_under_topk_and_half_under_threshold():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1 + 64, 32)
+    topk, thr = SpaGate(32, selection="topk", keep_rate=0.5), SpaGate(32, selection="threshold")
+    # top-k ranks, so the bias only scales the soft gate: ~0.9 of each token enters the block at step 0
+    assert torch.sigmoid(topk.scores(x)).min() > 0.85
+    assert topk(x)[0][:, 1:].mean().item() == 0.5
+    # a threshold gate starts near sigmoid(0) = 0.5 and keeps about half
+    assert 0.3 < thr(x)[0][:, 1:].mean().item() < 0.7

@@ -91,9 +91,10 @@ class SpaGate(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.proj.weight, std=0.02)
-        # sigmoid(2.2) = 0.9: the soft gate scales the tokens entering the block (and so the residual
-        # stream) by sigmoid(s); a zero bias would halve every token of a pretrained backbone at step 0.
-        nn.init.constant_(self.proj.bias, GATE_BIAS_INIT)
+        # top-k selects by rank, so the bias only sets the soft gate's scale: sigmoid(2.2) = 0.9 (a zero bias
+        # would halve every token entering the block, and so the residual stream of a pretrained backbone).
+        # With a threshold the bias decides the keep rate: 0 starts at about half.
+        nn.init.constant_(self.proj.bias, GATE_BIAS_INIT if self.selection == "topk" else 0.0)
 
     def scores(self, x: Tensor, prev: Tensor | None = None) -> Tensor:
         """Gate logits `[B, N]` of the patch tokens of `x [B, T, C]`, fused with `prev` when enabled."""
