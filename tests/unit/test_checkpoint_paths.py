@@ -26,6 +26,12 @@ def test_last_and_best_mean_the_newest_run(tmp_path):
     assert resolve_ckpt_path(explicit, str(tmp_path)) == explicit
 
 
+def test_deepspeed_checkpoint_folders_count(tmp_path):
+    _touch(tmp_path / "last.ckpt.tmp", 3_000)
+    (tmp_path / "last.ckpt").mkdir()  # ZeRO checkpoints are folders
+    assert resolve_ckpt_path("last", str(tmp_path)).endswith("last.ckpt")
+
+
 def test_missing_checkpoints_name_the_folder(tmp_path):
     with pytest.raises(TokenselError, match="no last checkpoint in"):
         resolve_ckpt_path("last", str(tmp_path))

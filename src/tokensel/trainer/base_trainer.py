@@ -231,7 +231,7 @@ def resolve_ckpt_path(ckpt_path: str, root: str) -> str:
     """
     if ckpt_path in ("last", "best"):
         folder = Path(root)
-        cands = [c for c in folder.glob(f"{ckpt_path}*.ckpt") if c.is_file()]
+        cands = list(folder.glob(f"{ckpt_path}*.ckpt"))  # files, or folders (DeepSpeed); never `.ckpt.tmp`
         if not cands:
             raise TokenselError(f"--ckpt_path {ckpt_path}: no {ckpt_path} checkpoint in {folder}/; "
                                 "train first or pass a checkpoint file")
