@@ -232,3 +232,25 @@ def test_moe_adapter_model_save_and_reload(tmp_path):
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, model(x, mode="mask").logits, atol=1e-5, rtol=1e-5)
+
+
+def test_folders_and_checkpoints_without_the_keep_offset_load_with_offset_zero(tmp_path):
+    # exports and checkpoints written before the calibration buffer existed
+    from safetensors.torch import load_file, save_file
+
+    from tokensel.trainer.vit import ViTClassifier
+
+    model = tiny_model().eval()
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.endswith(".offset")}, weights,
+              metadata={"format": "pt"})
+    loaded = TokenselViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert all(d.offset.item() == 0.0 for d in loaded.dispatchers)
+    module = ViTClassifier(method="dynamic_tuning", backbone=None, vit_config=dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=28,
+        patch_size=7, num_channels=1), pictures=0)
+    state = {k: v for k, v in module.state_dict().items() if not k.endswith(".offset")}
+    ckpt = {"state_dict": state}
+    module.on_load_checkpoint(ckpt)
+    module.load_state_dict(ckpt["state_dict"], strict=True)

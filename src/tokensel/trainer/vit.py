@@ -143,6 +143,13 @@ class TokenselViTForImageClassification(ViTPreTrainedModel):
                 if m is not group and hasattr(m, "reset_parameters") and not isinstance(m, nn.Linear):
                     m.reset_parameters()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        """HF's init, plus a zero keep offset for dispatchers: `from_pretrained` of a folder written before the
+        offset existed would otherwise leave that buffer uninitialised (the paper's rule is offset 0)."""
+        super()._init_weights(module)
+        if isinstance(module, DynamicTuningDispatcher):
+            module.offset.zero_()
+
     @property
     def num_tokens(self) -> int:
         return self.vit.embeddings.patch_embeddings.num_patches + 1
@@ -436,6 +443,13 @@ class ViTClassifier(LightningModule):
     def forward(self, pixel_values: Tensor) -> Tensor:
         """Logits `[B, num_labels]` (training decisions in train mode, hard ones in eval)."""
         return self.model(pixel_values, mode=None if self.training else self.eval_mode).logits
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints written before dispatchers had a keep offset load with offset 0 (the paper's rule)."""
+        state = checkpoint.get("state_dict", {})
+        for key, value in self.state_dict().items():
+            if key.endswith(".offset") and key not in state:
+                state[key] = torch.zeros_like(value)
 
     def _check_batch(self, batch: dict) -> None:
         size = self.model.config.image_size
