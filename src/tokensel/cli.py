@@ -40,8 +40,12 @@ class _DropMessages(logging.Filter):
 
 def quiet_third_party() -> None:
     """Silence the litlogger tip, torch's LeafSpec deprecation (raised inside Lightning), transformers'
-    checkpointing rename notice and DeepSpeed's CPU-accelerator warning. Our own messages are untouched."""
+    checkpointing rename notice and DeepSpeed's CPU-accelerator warning. Our own messages are untouched.
+    Also Lightning's "Checkpoint directory ... exists and is not empty": the run folder holds the CSV logs
+    and both checkpoint callbacks, so it fired on every fresh run; a rerun never overwrites an earlier
+    run's checkpoints (Lightning versions the names) and `last` / `best` resolve to the newest file."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated.*")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropMessages("litlogger"))
