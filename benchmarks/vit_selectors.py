@@ -36,6 +36,7 @@ benchmarks/results/vit_selectors.md with the date, CPU, versions and the exact c
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import logging
 import os
@@ -223,20 +224,21 @@ def gate_preferences(models: dict, images: int) -> list[tuple[str, int, float, f
     from tokensel.modules.spa import patch_labels
     from tokensel.trainer.vision_data import ImageClassificationData
 
+    spa = {name: m for name, m in models.items() if getattr(m.config, "selector", None) == "spa"}
+    if not spa:
+        return []
+    cfg = next(iter(spa.values())).config  # every model shares the backbone's geometry
+    data = ImageClassificationData(dataset="fashion_mnist", image_size=cfg.image_size, eval_batch_size=images,
+                                   mask_source="ink")
+    data.setup()
+    b = next(iter(data.test_dataloader()))
+    ink = patch_labels(b["mask"], cfg.patch_size) > 0
+    side = cfg.image_size // cfg.patch_size
+    grid = F.pad(ink.float().view(-1, 1, side, side), (1, 1, 1, 1), value=0.0)  # outside the image = background
+    near_bg = F.max_pool2d(1 - grid, 3, 1, 0).flatten(1) > 0
+    groups = (ink & near_bg, ink & ~near_bg, ~ink)
     out = []
-    for name, model in models.items():
-        if getattr(model.config, "selector", None) != "spa":
-            continue
-        cfg = model.config
-        data = ImageClassificationData(dataset="fashion_mnist", image_size=cfg.image_size, eval_batch_size=images,
-                                       mask_source="ink")
-        data.setup()
-        b = next(iter(data.test_dataloader()))
-        ink = patch_labels(b["mask"], cfg.patch_size) > 0
-        side = cfg.image_size // cfg.patch_size
-        grid = F.pad(ink.float().view(-1, 1, side, side), (1, 1, 1, 1), value=0.0)  # outside the image = background
-        near_bg = F.max_pool2d(1 - grid, 3, 1, 0).flatten(1) > 0
-        groups = (ink & near_bg, ink & ~near_bg, ~ink)
+    for name, model in spa.items():
         with torch.inference_mode():
             res = model(b["pixel_values"])
         for layer, keep in zip(res.selective_layers, res.keep_masks):
@@ -408,7 +410,7 @@ def main() -> None:
         r.update(evaluate(models[r["name"]], loader))
         if r["run"].startswith("dyt"):  # same weights, the paper's inference rule: logit > 0 (offsets 0)
             name = r["name"].replace("calibrated", "paper threshold")
-            models[name] = AutoModelForImageClassification.from_pretrained(str(exports / r["run"])).eval()
+            models[name] = copy.deepcopy(models[r["name"]])
             for d in models[name].dispatchers:
                 d.offset.zero_()
             rows.insert(rows.index(r), {**r, "name": name, **evaluate(models[name], loader)})

@@ -73,3 +73,13 @@ def test_topk_rejects_bad_ratio_and_scope():
         topk_mask(torch.zeros(1, 2), torch.ones(1, 2), 1.5)
     with pytest.raises(ValueError, match="scope"):
         RandomSelection(scope="everything")
+
+
+def test_a_selector_without_select_fails_at_construction():
+    from tokensel.modules.base import TokenSelector
+
+    class NoSelect(TokenSelector):
+        pass
+
+    with pytest.raises(TypeError, match="select"):
+        NoSelect()

@@ -17,6 +17,7 @@ as one process holding the whole global batch).
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -73,7 +74,7 @@ class Triage:
     info: dict = field(default_factory=dict)
 
 
-class TokenSelector(nn.Module):
+class TokenSelector(nn.Module, abc.ABC):
     """Base class: map `TokenStats` to per-token weights `[B, T]`.
 
     Subclasses set `needs` and implement `select`; sample-level methods also override `triage`.
@@ -96,8 +97,9 @@ class TokenSelector(nn.Module):
     def triage(self, stats: TokenStats) -> Triage:  # noqa: D401 - default: keep every sample
         return Triage(keep_samples=torch.ones(stats.valid.shape[0], dtype=torch.bool, device=stats.valid.device))
 
+    @abc.abstractmethod
     def select(self, stats: TokenStats) -> Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement select(stats) -> weights [B, T]")
+        """Per-token weights `[B, T]` (0 = not trained on) from the batch's statistics."""
 
     def forward(self, stats: TokenStats) -> Tensor:
         missing = [k for k in self.needs if k in KNOWN_STATS and getattr(stats, k) is None]

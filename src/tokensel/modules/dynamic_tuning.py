@@ -33,8 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokensel.kernels import resolve_backend
-from tokensel.kernels.pack import gather_rows, scatter_rows
 
 MODES = ("train", "mask", "skip", "complete")
 
@@ -236,7 +234,7 @@ def make_adapter(dim: int, bottleneck: int, scale: float = 1.0, dropout: float =
 
 
 def dynamic_tuning_block(layer: nn.Module, x: Tensor, dispatcher: DynamicTuningDispatcher,
-                         adapter: nn.Module | None = None, mode: str = "mask", backend: str | None = None
+                         adapter: nn.Module | None = None, mode: str = "mask"
                          ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One Dynamic Tuning block on `x [B, T, C]`.
 
@@ -256,25 +254,21 @@ def dynamic_tuning_block(layer: nn.Module, x: Tensor, dispatcher: DynamicTuningD
         return base + vit_mlp(layer, h), h.new_ones(h.shape[:2]), None
     m, logits = dispatcher(h, stochastic=mode == "train")
     if mode == "skip":
-        return skip_mlp(layer, h, base, m > 0.5, backend), m, logits
+        return skip_mlp(layer, h, base, m > 0.5), m, logits
     return base + m[..., None] * vit_mlp(layer, h), m, logits
 
 
-def skip_mlp(layer: nn.Module, h: Tensor, base: Tensor, keep: Tensor, backend: str | None = None) -> Tensor:
+def skip_mlp(layer: nn.Module, h: Tensor, base: Tensor, keep: Tensor) -> Tensor:
     """`base + keep * MLP(LN2(h))` computing the MLP only on kept tokens (gather -> MLP -> add back).
 
     Tokens of all images are flattened together: the MLP is token-wise, so no attention mask is needed.
-    Every index is valid here, so torch's `index_select` / `index_add` (native on CPU and CUDA) do the
-    gather and the scatter-add; without autograd the add goes in place into `base` (a fresh tensor made
-    by the block), which saves a copy of the whole activation per block. A `backend` that resolves to
-    Triton (`auto` on CUDA) uses the row kernels of `kernels.pack` instead.
+    Every index is valid here (no padding slots, unlike SPA's packed rows), so torch's native
+    `index_select` / `index_add` do it on CPU and CUDA alike; without autograd the add goes in place into
+    `base` (a fresh tensor made by the block), which saves a copy of the whole activation per block.
     """
     c = h.shape[-1]
     idx = keep.reshape(-1).nonzero().squeeze(1)
     flat_base = base.reshape(-1, c)
-    if resolve_backend(backend, h.device.type, op="pack") == "triton":
-        upd = gather_rows(flat_base, idx, backend) + vit_mlp(layer, gather_rows(h.reshape(-1, c), idx, backend))
-        return scatter_rows(flat_base, upd, idx, backend).view_as(base)
     upd = vit_mlp(layer, h.reshape(-1, c).index_select(0, idx)).to(base.dtype)
     if torch.is_grad_enabled() and (base.requires_grad or upd.requires_grad):
         return flat_base.index_add(0, idx, upd).view_as(base)

@@ -11,6 +11,7 @@ counted (`on_bad_row: skip`).
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 from pathlib import Path
@@ -343,7 +344,7 @@ def packed_collate(pad_id: int, max_length: int):
 # ---------------------------------------------------------------- DataModules
 
 
-class TextDataModule(LightningDataModule):
+class TextDataModule(LightningDataModule, abc.ABC):
     """Shared machinery: tokenizer from the model (or `tokenizer`), split, resumable loaders."""
 
     def __init__(self, tokenizer: str | None = None, max_length: int = 512, batch_size: int = 4,
@@ -361,12 +362,13 @@ class TextDataModule(LightningDataModule):
         self.train_set = self.val_set = None
         self.sampler: ResumableSampler | None = None
 
-    # subclasses: list of tokenized samples for a list of files
+    @abc.abstractmethod
     def build_samples(self, paths: list[str]) -> list[dict]:
-        raise NotImplementedError
+        """Tokenized samples of the given files."""
 
+    @abc.abstractmethod
     def train_paths(self) -> list[str]:
-        raise NotImplementedError
+        """The training files (or embedded sources) of this data module."""
 
     @property
     def tokenizer(self):

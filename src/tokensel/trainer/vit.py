@@ -79,7 +79,7 @@ class TokenselViTConfig(ViTConfig):
     spa_soft_gate: bool = True
     spa_row_len: int | None = None         # None: T (threshold) or whole images without padding (topk)
     inference_mode: str = "skip"           # eval path: skip (real skipping) | mask (masked dense reference)
-    kernels: str | None = None             # pack/gather back-end: auto | triton | torch
+    kernels: str | None = None             # SPA pack/unpack back-end: auto | triton | torch
 
 
 @dataclass
@@ -165,7 +165,7 @@ class TokenselViTForImageClassification(ViTPreTrainedModel):
         for i, layer in enumerate(self.vit.layers):
             adapter = self.adapters[i] if self.adapters is not None else None
             if self.dispatchers is not None:
-                x, m, lg = dynamic_tuning_block(layer, x, self.dispatchers[i], adapter, mode, cfg.kernels)
+                x, m, lg = dynamic_tuning_block(layer, x, self.dispatchers[i], adapter, mode)
                 r = 0
             elif self.gates is not None and str(i) in self.gates:
                 if mode == "complete":
@@ -353,7 +353,7 @@ class ViTClassifier(LightningModule):
         spa_selection / spa_threshold / spa_tau / spa_fuse_previous / spa_soft_gate / spa_row_len: see
             `tokensel.modules.spa`.
         label_weight: alpha of the selection-label BCE (SPA; needs `mask` in batches).
-        kernels: pack/gather back-end (auto | triton | torch).
+        kernels: SPA's pack/unpack back-end (auto | triton | torch); Dynamic Tuning uses torch index ops.
         pictures: sample images drawn at each validation end (0 = none).
         save_backbone_to: after fit, write the model as a plain ViT folder here (`cache:<name>` allowed):
             how the pretraining recipe fills the cache.
