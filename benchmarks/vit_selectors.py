@@ -19,17 +19,17 @@ stand-in transferred poorly to them under a frozen backbone (a linear probe on i
 
 Every model is trained with its shipped recipe through the CLI (`trainer fit`, the same number of steps
 for all, overrides listed in the output), exported with `trainer export`, and measured as the exported
-folder loaded by `AutoModelForImageClassification.from_pretrained` (the hard, compute-skipping path).
-SPA uses `spa_selection: topk` here so its keep rate is set like Dynamic Tuning's (the recipe's default
-is the paper's threshold), once as the recipe trains it (ink selection labels, adapters on the frozen
-backbone) and once without labels with every weight trained (`--no-spa-label-free` drops these rows);
-the dense full fine-tune is that variant's like-for-like reference. Dynamic Tuning trains with
-`calibrate_keep` and each model is measured twice: as exported, and with its dispatcher offsets zeroed
-(the paper's fixed threshold, the same weights). Throughput: batch `--batch` of test images, `torch.inference_mode`, fp32,
-`--threads` intra-op threads; models are timed round-robin (`--rounds` rounds of `--iters` batches each)
-so load from other processes on a shared machine hits every model alike; we report the median. FLOPs are
-multiply-adds counted from the measured selections: what each block computes, including SPA's padding
-slots and its per-row attention, relative to the dense adapter. The table is printed and written to
+folder loaded by `AutoModelForImageClassification.from_pretrained` (the hard, compute-skipping path). SPA
+uses `spa_selection: topk` here so its keep rate is set like Dynamic Tuning's (the recipe's default is the
+paper's threshold), once as the recipe trains it (ink selection labels, adapters on the frozen backbone)
+and once without labels with every weight trained (`--no-spa-label-free` drops these rows); the dense full
+fine-tune is that variant's like-for-like reference. Dynamic Tuning trains with `calibrate_keep` and each
+model is measured twice: as exported, and with its dispatcher offsets zeroed (the paper's fixed threshold,
+the same weights). Throughput: batch `--batch` of test images, `torch.inference_mode`, fp32, `--threads`
+intra-op threads; models are timed round-robin (`--rounds` rounds of `--iters` batches each) so load from
+other processes on a shared machine hits every model alike; we report the median. FLOPs are multiply-adds
+counted from the measured selections: what each block computes, including SPA's padding slots and its
+per-row attention, relative to the dense adapter. The table is printed and written to
 benchmarks/results/vit_selectors.md with the date, CPU, versions and the exact command.
 """
 
@@ -305,8 +305,10 @@ def write_report(rows: list[dict], args, meta: dict) -> str:
     if meta.get("prefs"):
         lines += ["", f"What the trained SPA gates keep ({meta['probe_images']} test images; ink = the selection "
                   "labels; outline = ink patches next to background or the border):", "",
-                  "| model | block | kept | of outline ink | of interior ink | of background |", "|---|---|---|---|---|---|"]
-        lines += [f"| {n} | {layer} | {k:.2f} | {a:.2f} | {b:.2f} | {c:.2f} |" for n, layer, k, a, b, c in meta["prefs"]]
+                  "| model | block | kept | of outline ink | of interior ink | of background |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {n} | {layer} | {k:.2f} | {a:.2f} | {b:.2f} | {c:.2f} |"
+                  for n, layer, k, a, b, c in meta["prefs"]]
     return "\n".join(lines) + "\n"
 
 
@@ -316,7 +318,8 @@ def write_report(rows: list[dict], args, meta: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=sorted(TASKS), default="fashion_mnist")
-    p.add_argument("--steps", type=int, default=500, help="training steps per model (batch 64; 500 = the recipes' 4 epochs)")
+    p.add_argument("--steps", type=int, default=500,
+                   help="training steps per model (batch 64; 500 = the recipes' 4 epochs)")
     p.add_argument("--keep-rates", type=float, nargs="+", default=[0.7, 0.5])
     p.add_argument("--dyt-paper-losses", action=argparse.BooleanOptionalAction, default=True,
                    help="Dynamic Tuning with the complete-model CE and distillation terms (a 2nd forward per step)")
@@ -367,7 +370,8 @@ def main() -> None:
                                                   "--model.init_args.distill_weight", "0"]
     for r in args.keep_rates:  # calibration changes no weight: each model is also timed with the paper's rule
         plan.append((f"Dynamic Tuning r={r}, calibrated", "dyt", f"dyt_r{r}",
-                     ["--model.init_args.keep_rate", str(r), "--model.init_args.calibrate_keep", "true", *dyt_extra], r))
+                     ["--model.init_args.keep_rate", str(r), "--model.init_args.calibrate_keep", "true",
+                      *dyt_extra], r))
     if args.full_ft:
         plan.append(("dense full fine-tune", "vit_full_ft", "vit_full_ft", [], None))
     spa_ft = [] if args.spa_finetune == "recipe" else ["--model.init_args.finetune", args.spa_finetune]

@@ -130,22 +130,28 @@ BLOCK_ROWS = 16
 @functools.cache
 def _triton_kernels():
     """Import triton and define the two row kernels (once, on first use)."""
-    global triton, tl
+    global triton, tl, _index_tile  # Triton resolves a kernel's helpers through module globals
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _index_tile(idx_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's tile: row and column offsets, their bounds masks, which rows carry a valid
+        index (>= 0), and the index with invalid ones replaced by 0 (safe to form an address)."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        in_rows = rows < n_rows
+        in_cols = cols < n_cols
+        idx = tl.load(idx_ptr + rows, mask=in_rows, other=-1)
+        valid = in_rows & (idx >= 0)
+        return rows, cols, in_rows, in_cols, valid, tl.where(valid, idx, 0).to(tl.int64)
 
     @triton.jit
     def gather_rows_kernel(src_ptr, idx_ptr, out_ptr, n_out, n_cols,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # One program copies BLOCK_R destination rows x BLOCK_C columns. Every access is masked:
         # the interpreter has no bounds checks, so an unmasked stray index would corrupt memory.
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        in_rows = rows < n_out
-        in_cols = cols < n_cols
-        idx = tl.load(idx_ptr + rows, mask=in_rows, other=-1)
-        valid = in_rows & (idx >= 0)
-        safe = tl.where(valid, idx, 0).to(tl.int64)
+        rows, cols, in_rows, in_cols, valid, safe = _index_tile(idx_ptr, n_out, n_cols, BLOCK_R, BLOCK_C)
         vals = tl.load(src_ptr + safe[:, None] * n_cols + cols[None, :],
                        mask=valid[:, None] & in_cols[None, :], other=0.0)
         dst = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
@@ -155,13 +161,7 @@ def _triton_kernels():
     def scatter_rows_kernel(src_ptr, idx_ptr, out_ptr, n_src, n_cols,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # out[idx[k]] = src[k] for valid k; indices are unique, so no two programs write one row.
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        in_rows = rows < n_src
-        in_cols = cols < n_cols
-        idx = tl.load(idx_ptr + rows, mask=in_rows, other=-1)
-        valid = in_rows & (idx >= 0)
-        safe = tl.where(valid, idx, 0).to(tl.int64)
+        rows, cols, in_rows, in_cols, valid, safe = _index_tile(idx_ptr, n_src, n_cols, BLOCK_R, BLOCK_C)
         m2 = valid[:, None] & in_cols[None, :]
         vals = tl.load(src_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=m2, other=0.0)
         tl.store(out_ptr + safe[:, None] * n_cols + cols[None, :], vals, mask=m2)

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 MODES = ("train", "mask", "skip", "complete")
 
 
