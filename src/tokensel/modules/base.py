@@ -18,6 +18,7 @@ as one process holding the whole global batch).
 from __future__ import annotations
 
 import abc
+import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
@@ -54,9 +55,26 @@ class TokenStats:
     score_loss: Tensor | None = None
     score_entropy: Tensor | None = None
     attn_prompt: Tensor | None = None
-    sample_ids: Tensor | None = None  # [B] dataset indices, for cached statistics and reports
-    step: int = 0
+    sample_ids: Tensor | None = None  # [B, T] dataset index of each position (-1 = padding); packed rows hold several
+    step: int = 0    # optimizer step (global_step)
+    micro: int = 0   # micro-batch index within the optimizer step (gradient accumulation)
+    rank: int = 0    # data-parallel rank
     extras: dict = field(default_factory=dict)
+
+    def generator(self, seed: int = 0, shared: bool = False) -> torch.Generator:
+        """A CPU generator for this micro-batch: independent streams per (seed, step, micro-batch, rank);
+        `shared=True` leaves the rank out (every rank draws the same stream: global-scope decisions)."""
+        return selection_generator(seed, self.step, self.micro, 0 if shared else self.rank)
+
+    def groups(self) -> Tensor | None:
+        """`[B, T]` per-position sample ids when some row holds several samples (packing), else None."""
+        ids = self.sample_ids
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape != self.valid.shape:
+            return None
+        real = ids.masked_fill(~self.valid.bool(), -1)
+        lo = real.masked_fill(real < 0, torch.iinfo(real.dtype).max).amin(1)
+        hi = real.amax(1)
+        return ids if bool(((hi >= 0) & (lo != hi)).any()) else None
 
     def subset(self, rows: Tensor) -> TokenStats:
         """The same statistics restricted to the kept rows (after sample triage)."""
@@ -111,12 +129,35 @@ class TokenSelector(nn.Module, abc.ABC):
 
     # ---- shared ranking helpers -------------------------------------------------------------
 
-    def topk_mask(self, score: Tensor, valid: Tensor, ratio: float, largest: bool = True) -> Tensor:
+    def topk_mask(self, score: Tensor, valid: Tensor, ratio: float, largest: bool = True,
+                  stats: TokenStats | None = None) -> Tensor:
         """0/1 weights keeping the `ceil(ratio * n)` best-scored valid tokens, per `self.scope`.
 
-        Ties are broken by position (stable sort), so the result is deterministic.
+        Ties break at random, never by position: the order among equal scores comes from `stats.generator`
+        (seeded by step, micro-batch and rank, so a resumed run draws the same masks). "sample" scope ranks
+        per original sample, also inside packed rows (`stats.groups()`).
         """
-        return topk_mask(score, valid, ratio, scope=self.scope, largest=largest)
+        gen = None
+        if stats is not None:
+            gen = stats.generator(getattr(self, "tie_seed", 0), shared=self.scope == "global")
+        groups = stats.groups() if stats is not None and self.scope == "sample" else None
+        return topk_mask(score, valid, ratio, scope=self.scope, largest=largest, generator=gen, groups=groups)
+
+
+def selection_generator(seed: int, step: int = 0, micro: int = 0, rank: int = 0) -> torch.Generator:
+    """CPU generator seeded by a hash of (seed, step, micro-batch, rank). A hash, not `seed + step`: seeds s
+    and s + 1 must give unrelated streams, not one stream shifted by a step."""
+    key = hashlib.blake2b(f"tokensel:{seed}:{step}:{micro}:{rank}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key, "little") & ((1 << 63) - 1))
+
+
+def order_random_ties(score: Tensor, descending: bool, generator: torch.Generator | None = None) -> Tensor:
+    """1-D indices that sort `score`; equal scores come in a random (seeded) order, never in position order.
+    `generator=None` uses a fixed seed (deterministic, still not positional)."""
+    flat = score.reshape(-1)
+    gen = generator if generator is not None else selection_generator(0)
+    perm = torch.randperm(flat.numel(), generator=gen).to(flat.device)
+    return perm[torch.sort(flat[perm], descending=descending, stable=True).indices]
 
 
 def _gather_global(score: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -143,29 +184,39 @@ def _gather_global(score: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, int]:
     return torch.cat(chunks_s), torch.cat(chunks_v), offset
 
 
-def _keep_top(score: Tensor, valid: Tensor, ratio: float, largest: bool) -> Tensor:
-    """1-D: bool mask of the ceil(ratio * #valid) highest (or lowest) valid scores."""
+def _keep_top(score: Tensor, valid: Tensor, ratio: float, largest: bool,
+              generator: torch.Generator | None = None) -> Tensor:
+    """1-D: bool mask of the ceil(ratio * #valid) highest (or lowest) valid scores; random tie-break."""
     n_valid = int(valid.sum())
     k = min(n_valid, math.ceil(ratio * n_valid - 1e-9))
     keep = torch.zeros_like(valid)
     if k <= 0:
         return keep
     s = score.float().masked_fill(~valid, float("-inf") if largest else float("inf"))
-    order = torch.sort(s, descending=largest, stable=True).indices
-    keep[order[:k]] = True
+    keep[order_random_ties(s, largest, generator)[:k]] = True
     return keep
 
 
-def topk_mask(score: Tensor, valid: Tensor, ratio: float, scope: str = "batch", largest: bool = True) -> Tensor:
-    """Functional form of `TokenSelector.topk_mask`: `[B, T]` float 0/1 weights."""
+def topk_mask(score: Tensor, valid: Tensor, ratio: float, scope: str = "batch", largest: bool = True,
+              generator: torch.Generator | None = None, groups: Tensor | None = None) -> Tensor:
+    """Functional form of `TokenSelector.topk_mask`: `[B, T]` float 0/1 weights.
+
+    `groups` (`[B, T]` sample ids, scope "sample" only): rank within each (row, sample id) group, so a
+    packed row's samples each keep their own share."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"keep ratio {ratio} must lie in [0, 1]")
     valid = valid.bool()
-    if scope == "sample":
-        keep = torch.stack([_keep_top(score[b], valid[b], ratio, largest) for b in range(score.shape[0])])
+    if scope == "sample" and groups is not None:
+        keep = torch.zeros_like(valid)
+        for b in range(score.shape[0]):
+            for g in groups[b][valid[b]].unique().tolist():
+                part = valid[b] & (groups[b] == g)
+                keep[b] |= _keep_top(score[b], part, ratio, largest, generator)
+    elif scope == "sample":
+        keep = torch.stack([_keep_top(score[b], valid[b], ratio, largest, generator) for b in range(score.shape[0])])
     elif scope == "global":
         all_s, all_v, off = _gather_global(score, valid)
-        keep = _keep_top(all_s, all_v, ratio, largest)[off: off + score.numel()].view_as(valid)
+        keep = _keep_top(all_s, all_v, ratio, largest, generator)[off: off + score.numel()].view_as(valid)
     else:
-        keep = _keep_top(score.reshape(-1), valid.reshape(-1), ratio, largest).view_as(valid)
+        keep = _keep_top(score.reshape(-1), valid.reshape(-1), ratio, largest, generator).view_as(valid)
     return keep.to(score.dtype if score.is_floating_point() else torch.float32)

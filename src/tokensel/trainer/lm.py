@@ -137,6 +137,7 @@ class SelectiveLM(LightningModule):
         self._ema: dict[str, Tensor] | None = None
         self._window_selected = 0.0  # selected weight of the current optimizer step (global_selected)
         self._ema_step = 0
+        self._micro = 0  # micro-batch index within the optimizer step (set by training_step)
         self.teacher = self._load_reference(distill.teacher) if distill is not None else None
         self._check_selector_inputs()
         # Frozen reference weights are rebuilt from the config on load, never stored in checkpoints.
@@ -273,6 +274,7 @@ class SelectiveLM(LightningModule):
         valid0 = batch["labels"] != IGNORE
         valid0[:, 0] = False
         stats = TokenStats(valid=valid0, sample_ids=batch.get("sample_index"), step=int(self.global_step),
+                           micro=self._micro, rank=int(self.global_rank),
                            **self.pre_stats(batch, sel.needs | ({"score_loss", "score_entropy"} if sel.uses_triage
                                                                   else frozenset())))
         prior = None
@@ -405,6 +407,9 @@ class SelectiveLM(LightningModule):
             self._ema_step = int(checkpoint["ema_history"]["step"])
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        # micro-batch index inside the optimizer step: seeds the random control and top-k tie-breaks, so
+        # accumulated micro-batches draw independent streams (and a resumed run the same ones)
+        self._micro = batch_idx % max(1, int(self.trainer.accumulate_grad_batches)) if self._trainer else 0
         out = self.selective_step(batch)
         # sync_dist: with data parallelism the logged loss is the mean over ranks (the global batch's loss
         # under normaliser global_selected), not rank 0's share
