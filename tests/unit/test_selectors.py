@@ -83,3 +83,49 @@ def test_a_selector_without_select_fails_at_construction():
 
     with pytest.raises(TypeError, match="select"):
         NoSelect()
+
+
+def _random_mask(seed=0, step=0, micro=0, rank=0, scope="batch"):
+    valid = torch.ones(4, 32, dtype=torch.bool)
+    return RandomSelection(k=0.5, seed=seed, scope=scope)(
+        TokenStats(valid=valid, step=step, micro=micro, rank=rank))
+
+
+def test_random_streams_are_independent_per_rank_micro_batch_and_seed():
+    base = _random_mask()
+    assert torch.equal(base, _random_mask())                      # deterministic (a resume draws the same)
+    for other in (_random_mask(rank=1), _random_mask(micro=1), _random_mask(step=1)):
+        assert not torch.equal(base, other)
+    # seed s at step t is not seed s + 1 at step t - 1 (the old `seed + step` stream was a shifted copy)
+    assert not torch.equal(_random_mask(seed=0, step=1), _random_mask(seed=1, step=0))
+    # overlap of two independent 50% masks is ~25% of the tokens, far from a copy (100%)
+    overlap = float((base * _random_mask(rank=1)).sum() / base.numel())
+    assert 0.15 < overlap < 0.35
+    # global scope: every rank draws the same stream (one ranking over the global batch)
+    assert torch.equal(_random_mask(rank=0, scope="global"), _random_mask(rank=1, scope="global"))
+
+
+def test_topk_ties_break_at_random_not_by_position():
+    # every excess loss equal (e.g. a reference equal to the model): the kept half must not be the first
+    # half of the batch, and must change with the step (seeded, so each step is reproducible)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    zeros = torch.zeros(2, 10)
+    masks = [Rho1Selection(k=0.5)(TokenStats(valid=valid, loss=zeros, ref_loss=zeros, step=s)) for s in range(4)]
+    first_half = torch.zeros(2, 10)
+    first_half[0] = 1
+    assert all(m.sum() == 10 for m in masks)
+    assert not any(torch.equal(m, first_half) for m in masks)
+    assert len({tuple(m.flatten().tolist()) for m in masks}) == 4
+    again = Rho1Selection(k=0.5)(TokenStats(valid=valid, loss=zeros, ref_loss=zeros, step=2))
+    assert torch.equal(again, masks[2])
+
+
+def test_sample_scope_ranks_per_original_sample_in_packed_rows():
+    # one packed row holding sample 7 (positions 1-4) and sample 9 (positions 6-9): sample scope keeps
+    # ceil(.5 * 4) = 2 of each, even though sample 9's scores are all higher
+    valid = torch.tensor([[False, True, True, True, True, False, True, True, True, True]])
+    ids = torch.tensor([[7, 7, 7, 7, 7, 9, 9, 9, 9, 9]])
+    loss = torch.tensor([[0.0, 1, 2, 3, 4, 0, 10, 11, 12, 13]])
+    st = TokenStats(valid=valid, loss=loss, ref_loss=torch.zeros_like(loss), sample_ids=ids)
+    assert Rho1Selection(k=0.5, scope="sample")(st).tolist() == [[0, 0, 0, 1, 1, 0, 0, 0, 1, 1]]
+    assert Rho1Selection(k=0.5, scope="batch")(st).tolist() == [[0, 0, 0, 0, 0, 0, 1, 1, 1, 1]]

@@ -14,13 +14,13 @@ TINY = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 32, "intermedi
         "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0}
 
 
-def _stats(step=0):
+def _stats(step=50, total_steps=100):
     # row 0: 1 prompt token, 4 response tokens; row 1: 2 prompt tokens, 3 response tokens
     valid = torch.tensor([[False, True, True, True, True], [False, False, True, True, True]])
     his = torch.tensor([[0.0, 2, 2, 2, 2], [0, 0, 1, 1, 1]])
     loss = torch.tensor([[0.0, 1, 2, 3, 0.5], [0, 0, 1, 1, 1]])
     attn = torch.tensor([[0.0, 0.1, 0.0, 0.8, 0.2], [0, 0, 0.3, 0.1, 0.5]])
-    return TokenStats(valid=valid, loss=loss, his_loss=his, attn_prompt=attn, step=step)
+    return TokenStats(valid=valid, loss=loss, his_loss=his, attn_prompt=attn, step=step, total_steps=total_steps)
 
 
 def test_rel_minmax_by_hand():
@@ -48,7 +48,7 @@ def test_sstoken_rel_polarity_keeps_improved_tokens():
     # same current loss; the history was worse on token 1 (improved) and better on token 2 (got worse)
     st = TokenStats(valid=torch.tensor([[False, True, True]]), loss=torch.tensor([[0.0, 1, 1]]),
                     his_loss=torch.tensor([[0.0, 3, 0.5]]), attn_prompt=torch.zeros(1, 3))
-    assert SsTokenSelection(rho=0.5, gamma=1.0)(st).tolist() == [[0, 1, 0]]
+    assert SsTokenSelection(rho=0.5, gamma=1.0, warmup_fraction=0.0)(st).tolist() == [[0, 1, 0]]
     # gamma = 1 (REL only) on the hand batch: row 0 N(REL) = .8 .4 0 1 -> top 2 = tokens 4, 1
     assert SsTokenSelection(rho=0.5, gamma=1.0)(_stats())[0].tolist() == [0, 1, 0, 0, 1]
 
@@ -58,8 +58,22 @@ def test_sstoken_attention_only_warmup_and_needs():
     sel = SsTokenSelection(rho=0.6, gamma=0.5, warmup_steps=10)
     assert sel(_stats(step=0))[0].tolist() == [0, 1, 0, 1, 1]
     assert sel(_stats(step=10))[0].tolist() == [0, 1, 0, 1, 1]  # after: the combined score (same set here)
-    assert "attn_prompt" not in SsTokenSelection(gamma=1.0).needs  # REL-only: no attention recompute
+    assert "attn_prompt" not in SsTokenSelection(gamma=1.0, warmup_fraction=0.0).needs  # REL only: no probe
+    assert "attn_prompt" in SsTokenSelection(gamma=1.0).needs  # ... unless the (default) warm-up needs it
     assert "his_loss" not in SsTokenSelection(gamma=0.0).needs
+
+
+def test_warmup_on_and_off_give_different_masks():
+    # row 0 at rho .5 (2 of 4): attention alone (.1 0 .8 .2) keeps tokens 3, 4; the combined score
+    # (.45 .20 .40 .60) keeps tokens 4, 1. Default warm-up = the first 20% of a 100-step run.
+    on, off = SsTokenSelection(rho=0.5), SsTokenSelection(rho=0.5, warmup_fraction=0.0)
+    assert on(_stats(step=0))[0].tolist() == [0, 0, 0, 1, 1]
+    assert on(_stats(step=19))[0].tolist() == [0, 0, 0, 1, 1]
+    assert on(_stats(step=20))[0].tolist() == [0, 1, 0, 0, 1]
+    assert off(_stats(step=0))[0].tolist() == [0, 1, 0, 0, 1]
+    assert on.warmup_length(1000) == 200 and SsTokenSelection(warmup_steps=7).warmup_length(1000) == 7
+    with pytest.raises(ValueError, match="run length"):
+        on(_stats(step=0, total_steps=0))
 
 
 def _tiny_llama(impl):
@@ -89,6 +103,7 @@ def test_recomputed_attention_equals_eager_attention(layer):
         got = probe.attention()
         rows = probe.prompt_mass_rows(labels, mask)
         aligned = probe.prompt_mass(labels, mask)
+        shifted = probe.prompt_mass(labels, mask, row="t-1")
     with torch.no_grad():
         want = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[layer].float()
     real = mask.bool()
@@ -100,15 +115,21 @@ def test_recomputed_attention_equals_eager_attention(layer):
     want_rows = (want.mean(1) * prompt[:, None, :].float()).sum(-1)
     torch.testing.assert_close(rows[real], want_rows[real], rtol=1e-5, atol=1e-6)
     assert (rows[0, :4] - 1).abs().max() < 1e-5        # prompt queries only see the prompt
-    torch.testing.assert_close(aligned[:, 1:], rows[:, :-1])  # loss position t <- query row t-1
+    torch.testing.assert_close(aligned, rows)          # default: position t <- query row t (paper, code)
+    torch.testing.assert_close(shifted[:, 1:], rows[:, :-1])  # option "t-1": the predicting position's row
+    # first response token of row 0 (position 4): row t reads the prompt and itself: 1 - A[4, 4] < 1;
+    # row t-1 is the last prompt query, which can only see the prompt: exactly 1
+    a = want.mean(1)
+    assert aligned[0, 4].item() == pytest.approx(1 - a[0, 4, 4].item(), abs=1e-5) and aligned[0, 4] < 0.999
+    assert shifted[0, 4].item() == pytest.approx(1.0, abs=1e-5)
     assert sdpa.config._attn_implementation == "sdpa"  # the model's own implementation is untouched
 
 
 def test_sstoken_step_keeps_sdpa_and_uses_base_history():
     from tokensel.trainer.lm import LoRA, SelectiveLM
 
-    m = SelectiveLM(model_config=TINY, selector=SsTokenSelection(), lora=LoRA(r=4, alpha=8, dropout=0.0),
-                    history="base")
+    m = SelectiveLM(model_config=TINY, selector=SsTokenSelection(warmup_fraction=0.0),
+                    lora=LoRA(r=4, alpha=8, dropout=0.0), history="base")
     ids = torch.randint(3, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :5] = -100
@@ -183,3 +204,36 @@ def test_distillation_loss_kl_and_selection():
     assert float(out["loss"]) > 0
     out["loss"].backward()
     assert all(p.grad is None for p in m.teacher.parameters())
+
+
+def test_base_history_is_the_model_without_adapters_and_changes_the_mask():
+    """With a non-zero LoRA B the adapted model differs from the base: the history must be the base
+    (adapters off), and using the adapted model as its own history (REL = 0) must select differently."""
+    import copy
+
+    from tokensel.trainer.lm import LoRA, SelectiveLM
+
+    m = SelectiveLM(model_config=TINY, selector=SsTokenSelection(rho=0.5, warmup_fraction=0.0),
+                    lora=LoRA(r=4, alpha=8, dropout=0.0), history="base")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in m.model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    ids = torch.randint(3, 1000, (3, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    seen = {}
+    orig = m.selector.select
+    m.selector.select = lambda st: seen.setdefault("stats", st) and orig(st)
+    m.selective_step(batch)
+    st = seen["stats"]
+    base = copy.deepcopy(m.model).unload()             # the same weights with every adapter removed
+    want_his = m.token_stats(base, batch, grad=False)[0]
+    torch.testing.assert_close(st.his_loss, want_his, rtol=1e-5, atol=1e-6)
+    assert (st.his_loss - st.loss)[st.valid].abs().max() > 1e-3   # the adapters changed the losses
+    right = m.selector(st)
+    wrong = m.selector(TokenStats(valid=st.valid, loss=st.loss, his_loss=st.loss, attn_prompt=st.attn_prompt))
+    assert not torch.equal(right, wrong)               # a self-history would select other tokens
+    torch.testing.assert_close(m.last_selection["weights"], right)

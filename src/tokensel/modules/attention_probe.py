@@ -132,10 +132,17 @@ class AttentionProbe:
 
     @torch.no_grad()
     def prompt_mass(self, labels: Tensor, attention_mask: Tensor | None = None,
-                    sample_index: Tensor | None = None) -> Tensor:
-        """`[B, T]` aligned with the per-token loss: position t (the loss of predicting token t) gets the row
-        of query t-1, the position whose hidden state makes that prediction. Position 0 gets 0."""
+                    sample_index: Tensor | None = None, row: str = "t") -> Tensor:
+        """`[B, T]` aligned with the per-token loss (position t = the loss of predicting token t).
+
+        row "t" (ssToken's Eq. 5 and official code): position t gets the row of query t, token t's own
+        position. row "t-1": the row of query t-1, the position whose hidden state predicts token t
+        (position 0 gets 0)."""
         rows = self.prompt_mass_rows(labels, attention_mask, sample_index)
+        if row == "t":
+            return rows
+        if row != "t-1":
+            raise ValueError(f"AttentionProbe.prompt_mass: row={row!r} must be 't' or 't-1'")
         out = torch.zeros_like(rows)
         out[:, 1:] = rows[:, :-1]
         return out

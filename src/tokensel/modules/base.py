@@ -57,6 +57,7 @@ class TokenStats:
     attn_prompt: Tensor | None = None
     sample_ids: Tensor | None = None  # [B, T] dataset index of each position (-1 = padding); packed rows hold several
     step: int = 0    # optimizer step (global_step)
+    total_steps: int = 0  # optimizer steps of the whole run (0 = unknown)
     micro: int = 0   # micro-batch index within the optimizer step (gradient accumulation)
     rank: int = 0    # data-parallel rank
     extras: dict = field(default_factory=dict)

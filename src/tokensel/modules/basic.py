@@ -26,9 +26,11 @@ class RandomSelection(TokenSelector):
 
     Args:
         k: keep ratio in [0, 1].
-        seed: the random stream is `seed + step`, so a resumed run draws the same masks.
-        scope: "batch" (one ranking over the micro-batch), "sample" (per row) or "global" (one draw and
-            ranking over the global batch of all data-parallel ranks).
+        seed: the stream is seeded by a hash of (seed, optimizer step, micro-batch, rank): every rank and
+            every accumulated micro-batch draws independently, seeds s and s + 1 give unrelated streams,
+            and a resumed run draws the same masks.
+        scope: "batch" (one ranking over the micro-batch), "sample" (per original sample, also inside packed
+            rows) or "global" (one draw and ranking over the global batch of all data-parallel ranks).
     """
 
     needs = frozenset()
@@ -38,13 +40,14 @@ class RandomSelection(TokenSelector):
         if not 0.0 <= k <= 1.0:
             raise ValueError(f"RandomSelection: k={k} must lie in [0, 1]")
         self.k, self.seed = k, seed
+        self.tie_seed = seed
 
     def select(self, stats: TokenStats) -> Tensor:
-        g = torch.Generator().manual_seed(self.seed + int(stats.step))
+        g = stats.generator(self.seed, shared=self.scope == "global")
         if self.scope == "global":
-            # One draw per valid token of the *global* batch, in global order (rank 0's rows first), so
-            # W ranks holding B rows each keep exactly the tokens one process holding W * B rows keeps,
-            # whatever the padding.
+            # One draw per valid token of the *global* batch, in global order (rank 0's rows first), from a
+            # stream every rank shares, so W ranks holding B rows each keep exactly the tokens one process
+            # holding W * B rows keeps, whatever the padding.
             from tokensel.modules.base import _gather_global
 
             valid = stats.valid.bool()
@@ -54,4 +57,4 @@ class RandomSelection(TokenSelector):
             score = torch.zeros(valid.shape).masked_scatter(valid.cpu(), draw).to(valid.device)
         else:
             score = torch.rand(stats.valid.shape, generator=g).to(stats.valid.device)
-        return self.topk_mask(score, stats.valid, self.k)
+        return self.topk_mask(score, stats.valid, self.k, stats=stats)

@@ -35,4 +35,4 @@ class Rho1Selection(TokenSelector):
         return stats.loss - stats.ref_loss
 
     def select(self, stats: TokenStats) -> Tensor:
-        return self.topk_mask(self.excess_loss(stats), stats.valid, self.k)
+        return self.topk_mask(self.excess_loss(stats), stats.valid, self.k, stats=stats)
