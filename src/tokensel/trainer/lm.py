@@ -138,6 +138,7 @@ class SelectiveLM(LightningModule):
         self._window_selected = 0.0  # selected weight of the current optimizer step (global_selected)
         self._ema_step = 0
         self._micro = 0  # micro-batch index within the optimizer step (set by training_step)
+        self.total_steps = 0  # run length for schedules inside selectors; 0 = from the trainer
         self.teacher = self._load_reference(distill.teacher) if distill is not None else None
         self._check_selector_inputs()
         # Frozen reference weights are rebuilt from the config on load, never stored in checkpoints.
@@ -274,7 +275,7 @@ class SelectiveLM(LightningModule):
         valid0 = batch["labels"] != IGNORE
         valid0[:, 0] = False
         stats = TokenStats(valid=valid0, sample_ids=batch.get("sample_index"), step=int(self.global_step),
-                           micro=self._micro, rank=int(self.global_rank),
+                           micro=self._micro, rank=int(self.global_rank), total_steps=self.run_steps(),
                            **self.pre_stats(batch, sel.needs | ({"score_loss", "score_entropy"} if sel.uses_triage
                                                                   else frozenset())))
         prior = None
@@ -295,7 +296,7 @@ class SelectiveLM(LightningModule):
             loss_tok, entropy, valid = self.token_stats(self.model, batch, grad=True, rows_out=rows)
         if probe is not None:  # one layer's attention recomputed without grad; the forward kept SDPA
             stats.attn_prompt = probe.prompt_mass(batch["labels"], batch.get("attention_mask"),
-                                                  batch.get("sample_index"))
+                                                  batch.get("sample_index"), row=getattr(sel, "attn_row", "t"))
         if self.distill is not None:
             loss_tok = self._distill_token_loss(batch, loss_tok, rows)
         stats.loss, stats.entropy, stats.valid = loss_tok.detach(), entropy, valid
@@ -322,6 +323,22 @@ class SelectiveLM(LightningModule):
                 "samples_kept": batch["labels"].shape[0] / n_samples,
                 "full_loss": float(loss_tok.detach().sum() / valid.sum().clamp_min(1)),
                 "forward_tokens": int(batch["labels"].numel())}
+
+    def run_steps(self) -> int:
+        """Optimizer steps of the whole run (0 = unknown): `total_steps` when set by hand (scripts that step
+        the module themselves), else the trainer's max_steps, else its estimate from the epochs."""
+        if self.total_steps:
+            return int(self.total_steps)
+        trainer = self._trainer
+        if trainer is None:
+            return 0
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        try:
+            est = trainer.estimated_stepping_batches
+        except Exception:  # noqa: BLE001 - no loaders yet, or an infinite run
+            return 0
+        return int(est) if est != float("inf") else 0
 
     def _step_normalised(self) -> bool:
         """normaliser global_selected divides by the selected weight of the whole optimizer step: every
