@@ -78,6 +78,13 @@ def _known_subclasses(base_path: str) -> list[str]:
     return sorted({c.__name__ for c in seen if not c.__name__.startswith("_")})
 
 
+def _inner_tokensel_error(message: str) -> str | None:
+    """A tokensel error (`model.key=value: ...`) that jsonargparse listed among its Union-subtype attempts."""
+    m = re.search(r"Errors:\s*-\s*((?:model|data|trainer)\.[\w.]+=.*?)\s+-\s+Expected a <class 'NoneType'>",
+                  message, re.S)
+    return " ".join(m.group(1).split()) if m else None
+
+
 def summarise_parse_error(message: str) -> str:
     """One line from jsonargparse's nested error dump: the innermost key, what was wrong, the valid choices."""
     keys = re.findall(r'Parser key "([^"]+)"', message) + re.findall(r"NestedArg\(key='([^']+)'", message)
@@ -97,6 +104,8 @@ def summarise_parse_error(message: str) -> str:
         return f"{where}: got {m.group(2).strip()!r}; expected one of {m.group(1)}"
     if m := re.search(r"Expected a <class '(\w+)'>\. Got value: (.*)", message):
         return f"{where}: got {m.group(2).strip()!r}; expected a value of type {m.group(1)}"
+    if inner_error := _inner_tokensel_error(message):
+        return inner_error
     lines = [ln.strip(" -") for ln in message.splitlines() if ln.strip() and not ln.strip().startswith("[")]
     return " ".join(lines)[:400]
 
@@ -151,6 +160,8 @@ class TokenselCLI(LightningCLI):
         except TokenselError:
             raise
         except (ValueError, TypeError) as e:
+            if inner := _inner_tokensel_error(str(e)):
+                raise ConfigError(inner) from None
             first = " ".join(str(e).split())[:400]
             raise ConfigError(f"config: {type(e).__name__}: {first}; check the values set in the recipe / "
                               "command line (--print_config shows them)") from None

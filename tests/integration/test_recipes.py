@@ -14,6 +14,10 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 TINY = ROOT / "tests" / "integration" / "tiny"
 
 
+# recipes that read another recipe's product: run those first (tiny), in the same folder
+PREREQ = {"rho1": ["rho1_reference"]}
+
+
 def overlay(recipe: Path) -> Path:
     own = TINY / recipe.name
     return own if own.exists() else TINY / "_lm.yaml"
@@ -38,6 +42,10 @@ def test_print_config_roundtrip(recipe, in_tmp, capsys):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_two_step_fit(recipe, in_tmp):
+    for first in PREREQ.get(recipe.stem, []):
+        pre = recipe.with_name(f"{first}.yaml")
+        cli_main(["fit", "--config", str(pre), "--config", str(overlay(pre)), "--trainer.max_steps", "2",
+                  "--trainer.logger", "false"])
     cli = cli_main(["fit", "--config", str(recipe), "--config", str(overlay(recipe)),
                     "--trainer.max_steps", "2", "--trainer.logger", "false"])
     assert cli.trainer.global_step == 2

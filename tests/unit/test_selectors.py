@@ -129,3 +129,13 @@ def test_sample_scope_ranks_per_original_sample_in_packed_rows():
     st = TokenStats(valid=valid, loss=loss, ref_loss=torch.zeros_like(loss), sample_ids=ids)
     assert Rho1Selection(k=0.5, scope="sample")(st).tolist() == [[0, 0, 0, 1, 1, 0, 0, 0, 1, 1]]
     assert Rho1Selection(k=0.5, scope="batch")(st).tolist() == [[0, 0, 0, 0, 0, 0, 1, 1, 1, 1]]
+
+
+def test_static_rho1_ranks_by_cached_base_minus_reference_loss():
+    # the live loss must not matter: only base - ref (2.0, -1.0, 0.5, 3.0) -> top 2 = tokens 3, 0
+    from tokensel.modules import StaticRho1Selection
+
+    st = TokenStats(valid=torch.ones(1, 4, dtype=torch.bool), loss=torch.tensor([[9.0, 9.0, 0.0, 0.0]]),
+                    base_loss=torch.tensor([[3.0, 1.0, 2.0, 4.0]]), ref_loss=torch.tensor([[1.0, 2.0, 1.5, 1.0]]))
+    assert StaticRho1Selection(k=0.5)(st).tolist() == [[1, 0, 0, 1]]
+    assert StaticRho1Selection.needs == {"base_loss", "ref_loss"}

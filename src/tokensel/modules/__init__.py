@@ -7,12 +7,12 @@ from tokensel.modules.dynamic_tuning import BottleneckAdapter, DynamicTuningDisp
 from tokensel.modules.eslm import AdaEslmSelection, EslmSelection
 from tokensel.modules.llsa import LLSAttention  # noqa: F401
 from tokensel.modules.qtuning import QTuningSelection
-from tokensel.modules.rho1 import Rho1Selection
+from tokensel.modules.rho1 import Rho1Selection, StaticRho1Selection
 from tokensel.modules.spa import SpaGate  # noqa: F401
 from tokensel.modules.sstoken import SsTokenSelection
 
 __all__ = [
     "KNOWN_STATS", "TokenSelector", "TokenStats", "Triage", "topk_mask",
-    "FullSelection", "RandomSelection", "Rho1Selection",
+    "FullSelection", "RandomSelection", "Rho1Selection", "StaticRho1Selection",
     "SsTokenSelection", "EslmSelection", "AdaEslmSelection", "QTuningSelection",
 ]

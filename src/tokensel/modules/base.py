@@ -31,6 +31,7 @@ KNOWN_STATS = frozenset({
     "loss",            # per-token CE of the trained forward [B, T] (detached copy)
     "entropy",         # predictive entropy of the trained forward [B, T]
     "ref_loss",        # per-token CE of a frozen reference model (Rho-1) or precomputed
+    "base_loss",       # per-token CE of the base model, precomputed once (static Rho-1)
     "his_loss",        # per-token CE of the history model (ssToken): base with LoRA off, EMA adapter, or cached
     "score_loss",      # per-token CE of the current model in a no-grad pass before the trained forward (Q-Tuning)
     "score_entropy",   # entropy from the same pass
@@ -51,6 +52,7 @@ class TokenStats:
     loss: Tensor | None = None
     entropy: Tensor | None = None
     ref_loss: Tensor | None = None
+    base_loss: Tensor | None = None
     his_loss: Tensor | None = None
     score_loss: Tensor | None = None
     score_entropy: Tensor | None = None

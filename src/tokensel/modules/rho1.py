@@ -6,6 +6,21 @@ easy but the current model still gets it wrong. Keep the top `k` fraction of tok
 k=0.6 is the paper's TinyLlama-1.1B default (0.7 for Mistral-7B). The reference losses come from a
 frozen reference model loaded like the base model (`SelectiveLM(reference_model=...)`) or from a
 precomputed per-token file (`SelectiveLM(reference_losses=...)`).
+
+The reference model (RM) is the base model trained on curated high-quality data (§2.1): stage 1 is
+`recipes/rho1_reference.yaml` (SFT on a seeded curated split, exported on fit end), stage 2
+`recipes/rho1.yaml` (the selective run on the rest; it never trains on the curated split). A frozen copy
+of the start weights (`reference_model: initial`) is refused: it makes the excess loss 0 at step 0 and
+then keeps the tokens whose loss rose.
+
+`StaticRho1Selection` is the offline variant that the ssToken and TokenCleaning papers ran as their
+"Rho-1" SFT baseline: score = L_base - L_ref from two per-token caches written once by `trainer predict`
+(base model, reference model), so the score never changes during training.
+
+Deviations that remain: microsoft/rho publishes no training code, so the ranking unit follows the text
+("tokens in a batch") over the local micro-batch (`scope: global` ranks over all data-parallel ranks, as a
+1M-token global batch does); ties break at random (seeded), never by position; the normaliser `selected`
+is the mean over the micro-batch's kept tokens (`global_selected` is exact across accumulation).
 """
 
 from __future__ import annotations
@@ -36,3 +51,19 @@ class Rho1Selection(TokenSelector):
 
     def select(self, stats: TokenStats) -> Tensor:
         return self.topk_mask(self.excess_loss(stats), stats.valid, self.k, stats=stats)
+
+
+class StaticRho1Selection(Rho1Selection):
+    """Offline Rho-1: keep the top-k% tokens by `L_base - L_ref`, both from caches computed once before training.
+
+    Args:
+        k: keep ratio (ssToken's baseline setting: 0.6).
+        scope: "batch", "sample" or "global" as `Rho1Selection`.
+    Needs `model.base_losses` and `model.reference_losses`: `trainer predict` with `TokenStatsWriter`, once
+    with the base model and once with the reference model (commands in `recipes/rho1_static.yaml`).
+    """
+
+    needs = frozenset({"base_loss", "ref_loss"})
+
+    def excess_loss(self, stats: TokenStats) -> Tensor:
+        return stats.base_loss - stats.ref_loss

@@ -193,19 +193,50 @@ class TokenselTrainer(Trainer):
             path = resolve_ckpt_path(ckpt_path, self.default_root_dir)
             load_checkpoint_into(model, path)
         model.eval()
-        out_path = Path(out)
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        fs = get_filesystem(str(tmp))
-        if fs.exists(str(tmp)):
-            fs.rm(str(tmp), recursive=True)
-        model.export_hf(str(tmp), adapter_only=adapter_only, datamodule=datamodule)
-        if out_path.exists():
-            import shutil
+        return write_export(model, out, adapter_only=adapter_only, datamodule=datamodule)
 
-            shutil.rmtree(out_path)
-        os.replace(tmp, out_path)
-        print(f"tokensel: exported {type(model).__name__} to {out_path.resolve()}")
-        return str(out_path)
+
+def write_export(model: LightningModule, out: str, adapter_only: bool = False, datamodule=None) -> str:
+    """`model.export_hf` into `out.tmp`, then rename over `out`: a failed export leaves nothing behind."""
+    out_path = Path(out)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    fs = get_filesystem(str(tmp))
+    if fs.exists(str(tmp)):
+        fs.rm(str(tmp), recursive=True)
+    model.export_hf(str(tmp), adapter_only=adapter_only, datamodule=datamodule)
+    if out_path.exists():
+        import shutil
+
+        shutil.rmtree(out_path)
+    os.replace(tmp, out_path)
+    print(f"tokensel: exported {type(model).__name__} to {out_path.resolve()}")
+    return str(out_path)
+
+
+class ExportOnFitEnd(Callback):
+    """Export a Hugging Face folder of the final weights when `trainer fit` ends (rank 0), so a recipe whose
+    product is a model (the Rho-1 reference model) needs no second command.
+
+    Args:
+        out: destination folder (written to `out.tmp` and renamed).
+        adapter_only: with LoRA, a PEFT adapter folder instead of merged weights.
+    """
+
+    def __init__(self, out: str, adapter_only: bool = False) -> None:
+        self.out, self.adapter_only = out, adapter_only
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.strategy.zero_stage_3:
+            raise ConfigError("ExportOnFitEnd: ZeRO-3 shards the weights; drop the callback and run "
+                              "`trainer export --ckpt_path last --out DIR` (it consolidates them)")
+        if trainer.is_global_zero and not trainer.interrupted:
+            was_training = pl_module.training
+            pl_module.eval()
+            write_export(pl_module, self.out, adapter_only=self.adapter_only, datamodule=trainer.datamodule)
+            pl_module.train(was_training)
+        trainer.strategy.barrier("export_on_fit_end")
 
 
 def _check_trainer_nulls(kwargs: dict) -> None:
