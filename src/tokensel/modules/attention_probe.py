@@ -6,6 +6,8 @@ probe recomputes that layer's `input_layernorm -> q/k projections (+ q/k norms) 
 softmax(QK^T * scale + mask)` under `torch.no_grad()` and reduces it to the attention *mass each query row
 puts on prompt positions*, averaged over heads (GQA: k heads repeated). The model's own attention
 implementation is never switched; only the probed rows' `[B, H, T, T]` map of this one layer is built.
+The mask is read in whatever form reached the layer: bool (SDPA: True = attend), additive float (eager:
+0 / the dtype's min), a flex `BlockMask` (made dense), or none (SDPA without padding: plain causal).
 
 Supported: Llama-family decoders (`layer.self_attn.{q_proj,k_proj}`, `layer.input_layernorm`, rotary
 `position_embeddings`): Llama, Mistral, Qwen2/3, SmolLM, Gemma-style layers with q/k norms. Anything else
@@ -114,6 +116,10 @@ class AttentionProbe:
             q, k = rope(q, k, *pos_emb)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         scores = (q.float() @ k.float().transpose(-1, -2)) * float(getattr(attn, "scaling", hd ** -0.5))
+        if type(mask).__name__ == "BlockMask":  # flex attention: the same pattern as a dense bool mask
+            from torch.nn.attention.flex_attention import create_mask
+
+            mask = create_mask(mask.mask_mod, bsz, 1, t, t, device=x.device)
         if isinstance(mask, Tensor) and mask.dim() == 4:
             m = mask[..., :t, :t]
             scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()

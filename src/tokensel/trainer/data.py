@@ -1,7 +1,8 @@
 """Text DataModules: SFT (prompt/response or chat messages) and pretraining text, built on `datasets`.
 
 Every batch carries `input_ids`, `labels` (-100 where no loss: prompt, padding), `attention_mask`
-(2-D padding mask, or a 4-D block-diagonal causal mask when samples are packed), `position_ids`, and
+(2-D padding mask), `position_ids` (reset per sample), packed batches also `attention_mask_4d` (bool
+block-diagonal causal mask; `model_attention_mask` turns it into the form the model's attention reads), and
 `sample_index` / `token_index` `[B, T]` (dataset row and position within it, -1 on padding) so cached
 per-token statistics (reference / history losses) can be looked up whatever the batching.
 
@@ -314,6 +315,9 @@ class PackedDataset(Dataset):
 
 
 def packed_collate(pad_id: int, max_length: int):
+    """Rows of several samples: `attention_mask_4d` `[B, 1, T, T]` bool (True = may attend) is causal within
+    each sample and blocks every other sample; padding positions attend only to themselves (no empty row, so
+    no NaN). It is the kernel-independent layout: pass it to a model through `model_attention_mask`."""
     def collate(rows: list[list[dict]]) -> dict:
         B, T = len(rows), max(sum(len(s["input_ids"]) for s in r) for r in rows)
         batch = pad_collate(pad_id)([{"input_ids": [pad_id] * T, "labels": [IGNORE] * T, "sample_index": -1}
@@ -339,6 +343,40 @@ def packed_collate(pad_id: int, max_length: int):
         batch["attention_mask_4d"] = mask
         return batch
     return collate
+
+
+# attention implementations that can keep packed samples apart through a 4-D mask
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+def model_attention_mask(batch: dict, backbone):
+    """The `attention_mask` to give `backbone` (a transformers decoder) for `batch`.
+
+    A padded batch: its 2-D padding mask (the model builds its causal mask). A packed batch: its bool
+    `attention_mask_4d`, in the form the backbone's attention implementation reads as a mask. transformers
+    hands a 4-D mask to the kernel unchanged, and only SDPA treats a bool tensor as a mask; eager attention
+    and flex attention *add* a tensor mask to the scores (a bool True is +1: no mask at all, future tokens
+    and other samples visible). So: sdpa gets the bool mask; eager gets an additive mask in the model's
+    dtype (0 where allowed, the dtype's min where blocked: never -inf, so no NaN); flex_attention gets a
+    BlockMask of the same pattern. Other implementations (flash attention, paged, hub kernels) take no 4-D
+    mask, so packing is refused with them."""
+    mask = batch.get("attention_mask_4d")
+    if mask is None:
+        return batch.get("attention_mask")
+    impl = getattr(backbone.config, "_attn_implementation", None)
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        dtype = backbone.get_input_embeddings().weight.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    if impl == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        B, _, T, S = mask.shape
+        return create_block_mask(lambda b, h, q, kv: mask[b, 0, q, kv], B, None, T, S, device=mask.device)
+    raise ConfigError(f"data.init_args.packing=true: model.init_args.attn_implementation={impl!r} takes no 4-D mask, "
+                      f"so packed samples would see each other; use one of {', '.join(PACKED_ATTENTION)}, or set "
+                      "data.init_args.packing=false")
 
 
 # ---------------------------------------------------------------- DataModules

@@ -227,7 +227,9 @@ class SelectiveLM(LightningModule):
         valid = labels != IGNORE
         valid[:, 0] = False
         backbone, weight, bias, softcap = backbone_and_head(model)
-        mask = batch.get("attention_mask_4d", batch.get("attention_mask"))
+        from tokensel.trainer.data import model_attention_mask  # packed: the mask form this attention reads
+
+        mask = model_attention_mask(batch, backbone)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask,
                               position_ids=batch.get("position_ids")).last_hidden_state
@@ -376,7 +378,9 @@ class SelectiveLM(LightningModule):
         b, t = rows["b"], rows["t"]
         _, weight, bias, _ = backbone_and_head(self.model)
         t_backbone, t_weight, t_bias, _ = backbone_and_head(self.teacher)
-        mask = batch.get("attention_mask_4d", batch.get("attention_mask"))
+        from tokensel.trainer.data import model_attention_mask  # the teacher's own attention implementation
+
+        mask = model_attention_mask(batch, t_backbone)
         with torch.no_grad():
             t_hidden = t_backbone(input_ids=batch["input_ids"], attention_mask=mask,
                                   position_ids=batch.get("position_ids")).last_hidden_state[b, t - 1]
@@ -451,7 +455,9 @@ class SelectiveLM(LightningModule):
     def _token_accuracy(self, batch: dict, valid: Tensor) -> Tensor:
         """Greedy next-token accuracy, argmax computed chunk by chunk (no full logits)."""
         backbone, weight, bias, _ = backbone_and_head(self.model)
-        mask = batch.get("attention_mask_4d", batch.get("attention_mask"))
+        from tokensel.trainer.data import model_attention_mask
+
+        mask = model_attention_mask(batch, backbone)
         hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask,
                           position_ids=batch.get("position_ids")).last_hidden_state
         b, t = valid.nonzero(as_tuple=True)
