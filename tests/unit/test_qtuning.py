@@ -1,6 +1,7 @@
 """Q-Tuning on a hand-made batch: quadrant assignment (direction of both axes), which samples survive the
-triage, the neighbour-smoothed token pruning inside Q2, Q4 kept whole, scope; and, on a tiny model, that
-dropped samples never reach the trained forward."""
+triage, the neighbour-smoothed token pruning inside Q2 and Q4 kept whole under the paper-text rule
+(`rule="paper"`), scope; and, on a tiny model, that dropped samples never reach the trained forward.
+The released-code rule (the default) is pinned in test_qtuning_official.py."""
 
 import math
 
@@ -40,7 +41,7 @@ def test_quadrant_directions_by_hand():
 
 
 def test_triage_drops_q1_q3_keeps_q4_whole_and_prunes_q2():
-    sel = QTuningSelection(sample_ratio=0.25, token_ratio=0.5, lam=0.5)
+    sel = QTuningSelection(sample_ratio=0.25, token_ratio=0.5, lam=0.5, rule="paper")
     tri = sel.triage(_batch())
     assert tri.keep_samples.tolist() == [True, False, True, False, False, False, False, False]
     # Q2 (s0) token PPL 10 40 20 80; s_i = .5 PPL_i + .5 (PPL_{i-1} + PPL_{i+1}), missing neighbour = own PPL:
@@ -48,27 +49,31 @@ def test_triage_drops_q1_q3_keeps_q4_whole_and_prunes_q2():
     assert tri.token_weights[0].tolist() == [0, 1, 1, 0, 0]
     assert tri.token_weights[2].tolist() == [0, 1, 1, 1, 1]  # Q4: every answer token
     assert tri.token_weights[[1, 3, 4, 5, 6, 7]].sum() == 0  # dropped samples: nothing
-    s = neighbour_score(torch.tensor([[0.0, 10, 40, 20, 80]]), _batch().valid[:1])
+    s = neighbour_score(torch.tensor([[0.0, 10, 40, 20, 80]]), _batch().valid[:1], rule="paper")
     assert s[0, 1:].tolist() == [30, 35, 70, 90]
 
 
 def test_lambda_zero_ranks_by_own_ppl_and_reversed_neighbour_effect():
     st = _batch()
     st.score_loss[0, 1:] = torch.log(torch.tensor([10.0, 80, 20, 40]))
-    tri = QTuningSelection(sample_ratio=0.25, token_ratio=0.5, lam=0.0).triage(st)
+    tri = QTuningSelection(sample_ratio=0.25, token_ratio=0.5, lam=0.0, rule="paper").triage(st)
     assert tri.token_weights[0].tolist() == [0, 1, 0, 1, 0]  # own PPL 10 and 20 are the lowest
 
 
 def test_top_up_when_quadrants_are_short():
     # sample_ratio .75 of 8 = 6; bisection alone reaches r >= .75 only if the quadrants cover 6 samples;
-    # whatever it gives, the budget is met (top-up by |PPL^ - Ent^|, Q1 u Q3 first)
-    tri = QTuningSelection(sample_ratio=0.75, token_ratio=0.5).triage(_batch())
-    assert int(tri.keep_samples.sum()) >= 6
+    # whatever it gives, the budget is met (top-up by |PPL^ - Ent^|; the exact order is pinned in
+    # test_qtuning_official.py), under both rules
+    for rule in ("code", "paper"):
+        tri = QTuningSelection(sample_ratio=0.75, token_ratio=0.5, rule=rule).triage(_batch())
+        assert int(tri.keep_samples.sum()) >= 6
 
 
-def test_sample_scope_is_rejected():
+def test_sample_scope_and_unknown_rule_are_rejected():
     with pytest.raises(ValueError, match="sample"):
         QTuningSelection(scope="sample")
+    with pytest.raises(ValueError, match="rule"):
+        QTuningSelection(rule="both")
 
 
 def test_dropped_samples_are_absent_from_the_trained_forward():
