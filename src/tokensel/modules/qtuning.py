@@ -58,11 +58,10 @@ torch.topk break them arbitrarily). Packed batches are refused: triage drops who
 row holds several samples.
 
 Deviations from the code that remain under rule "code":
-(a) Entropy span: the spine fills `score_entropy` only at labelled positions (`valid`;
-    `SelectiveLM.token_stats` runs the LM head only on labelled rows), so Ent(x) is the mean over answer
-    tokens, not over all non-pad positions. When the spine also fills prompt positions and passes
-    `stats.extras["score_entropy_mask"]` (`[B, T]` bool: the positions it filled, the code's span being
-    `sample_index >= 0` with column 0 off), the mean is taken over that mask instead.
+(a) Entropy span: none left under the spine. Ent(x) is the mean over every non-pad position from 1 on,
+    prompt included, as the code: the selector declares `score_span = "all"`, so the spine's scoring pass
+    runs the LM head on prompt positions too and passes `stats.extras["score_entropy_mask"]` (`[B, T]`
+    bool). Without that mask (hand-built stats) the mean is over the answer tokens (the paper's Eq. 5).
 (b) Without `stats.sample_ids` (not from the spine) the token budget counts and the neighbours see the
     answer tokens only (prompt = padding).
 (c) Scoring forward: a separate no-grad pass, then a forward on the kept samples only; the code runs one
@@ -205,6 +204,8 @@ class QTuningSelection(TokenSelector):
                 raise ValueError(f"QTuningSelection: {name}={v} must lie in [0, 1]")
         self.sample_ratio, self.token_ratio, self.lam, self.max_iter = sample_ratio, token_ratio, lam, max_iter
         self.rule, self.seed = rule, seed
+        # the code averages the sample entropy over prompt and answer; the paper (Eq. 5) over the answer
+        self.score_span = "all" if rule == "code" else "answer"
         self.tie_seed = seed
         self.last_score: Tensor | None = None
         self.last_quadrants: Tensor | None = None
