@@ -20,6 +20,14 @@ clipped to `[alpha_min, alpha_max]`, and the batch is selected with the updated 
 risk is concentrated on a few tokens (late training, most tokens learned) alpha rises and ESLM trains on
 fewer tokens; when losses are spread out (early training) alpha falls and more tokens train, which is the
 intent of adapting the confidence level. alpha is a buffer, so it is checkpointed and resumes exactly.
+
+Deviations that remain (no public ESLM code exists; see methods/llm_selectors.md): the tie rule and the
+alpha default are ours (above); the Ada-ESLM rule is ours; ESLM-KD (`SelectiveLM(distill=...)`) selects
+over alpha * KL(teacher || student) + (1 - alpha) * CE, our reading of "integrates with KD" (no
+teacher-derived score option); the ICLR version's instance-level (early-exit proxy) stage before the
+token VaR is not implemented; masking the loss does not cut transformer FLOPs (only the LM-head backward
+skips unselected rows). The pretraining recipes build GPT-2 from its config, which trains with dropout 0.1,
+so the risk scores come from a dropout-noised forward (the paper does not say).
 """
 
 from __future__ import annotations
