@@ -129,8 +129,10 @@ class SelectiveLM(LightningModule):
         self.model = self._build_model()
         self.tokenizer = load_tokenizer(tokenizer or (None if model_config else self._resolved_model))
         self.reference = self._load_reference(reference_model) if reference_model else None
-        self.reference_cache = TokenStatsCache.load(reference_losses) if reference_losses else None
-        self.history_cache = TokenStatsCache.load(history_losses) if history_losses else None
+        self.reference_cache = (TokenStatsCache.load(reference_losses, role="model.reference_losses")
+                                if reference_losses else None)
+        self.history_cache = (TokenStatsCache.load(history_losses, role="model.history_losses")
+                              if history_losses else None)
         if not 0.0 <= ema_decay < 1.0:
             raise ConfigError(f"model.ema_decay={ema_decay} must lie in [0, 1)")
         self.ema_decay, self.distill = ema_decay, distill
@@ -247,7 +249,18 @@ class SelectiveLM(LightningModule):
         return loss, entropy, valid
 
     def _cached(self, cache: TokenStatsCache, batch: dict) -> Tensor:
-        return cache.lookup(batch["sample_index"], batch["token_index"]).to(batch["labels"].device)
+        """Cached per-token values `[B, T]` for `batch`. The first use compares the cache's fingerprint with
+        this run's (tokenizer, data files and settings; for history losses also the model: a reference-loss
+        cache comes from another model by design); every use checks each sample's token hash, and a labelled
+        token the cache lacks is an error naming the cache and the sample, never a silent 0."""
+        if not cache.checked:
+            from tokensel.trainer.token_cache import run_fingerprint
+
+            trainer = self._trainer
+            dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+            cache.check_fingerprint(run_fingerprint(self, dm, trainer, content=False),
+                                    compare_model=cache.role == "model.history_losses")
+        return cache.lookup_batch(batch).to(batch["labels"].device)
 
     def pre_stats(self, batch: dict, needs: frozenset[str]) -> dict[str, Tensor]:
         """No-grad statistics the selector needs before / beside the trained forward."""
@@ -288,10 +301,36 @@ class SelectiveLM(LightningModule):
             batch = {k: v[keep] for k, v in batch.items()}
             stats = stats.subset(keep)
             prior = tri.token_weights[keep] if tri.token_weights is not None else None
-        if batch["labels"].shape[0] == 0:  # every sample triaged away: nothing to forward
-            zero = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
-            return {"loss": zero, "shown_loss": zero.detach(), "keep_ratio": 0.0, "samples_kept": 0.0,
-                    "full_loss": float("nan"), "forward_tokens": 0}
+        if batch["labels"].shape[0] == 0:
+            # Every sample triaged away. The peers still run the forward (ZeRO-3 parameter gathers), the
+            # normaliser's all_reduce and the gradient reduction, so this rank takes the same path on one
+            # dummy row (token 0, one label at position 1) with prior weight 0: it adds 0 to the loss, to the
+            # selected count, to keep_ratio and to samples_kept.
+            from dataclasses import replace
+
+            T = batch["labels"].shape[1]
+            dummy = {}
+            for k, v in batch.items():
+                if not isinstance(v, Tensor) or v.dim() == 0:
+                    dummy[k] = v
+                elif k == "attention_mask_4d":
+                    dummy[k] = torch.tril(torch.ones(T, T, device=v.device)).to(v.dtype)[None, None]
+                elif k in ("position_ids", "token_index"):
+                    dummy[k] = torch.arange(T, device=v.device, dtype=v.dtype)[None]
+                elif k in ("attention_mask", "sample_index", "labels"):
+                    dummy[k] = v.new_full((1, *v.shape[1:]), {"attention_mask": 1, "sample_index": -1}.get(k, IGNORE))
+                else:
+                    dummy[k] = v.new_zeros((1, *v.shape[1:]))
+            dummy["labels"][0, min(1, T - 1)] = 0
+            batch = dummy
+            stats = replace(stats, **{f: getattr(stats, f).new_zeros((1, *getattr(stats, f).shape[1:]))
+                                      for f in stats.__dataclass_fields__
+                                      if isinstance(getattr(stats, f), Tensor) and getattr(stats, f).dim() >= 1
+                                      and getattr(stats, f).shape[0] == 0})
+            if "sample_index" in batch and isinstance(stats.sample_ids, Tensor):
+                stats.sample_ids = batch["sample_index"]
+            prior = torch.zeros(batch["labels"].shape, device=batch["labels"].device)
+            n_samples = float("inf")  # samples_kept = 1 / inf = 0: the dummy row is no sample
         probe = AttentionProbe(self.model, getattr(sel, "attn_layer", -1)) if "attn_prompt" in sel.needs else None
         rows: dict | None = {} if self.distill is not None else None
         with probe if probe is not None else contextlib.nullcontext():
@@ -467,17 +506,19 @@ class SelectiveLM(LightningModule):
                                == y[s:s + 1024]).sum()) for s in range(0, h.shape[0], 1024))
         return torch.tensor(correct / max(1, h.shape[0]))
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[tuple[int, list[float]]]:
-        """Per-token losses per sample (for `TokenStatsWriter`: cached reference / history losses)."""
-        loss, _, _ = self.token_stats(self.model, batch, grad=False)
+    def predict_step(self, batch: dict, batch_idx: int) -> list[tuple[int, Tensor, int]]:
+        """Per sample of a padded or packed batch: (sample id, per-token losses `[n]` indexed by token
+        position, hash of its token ids and labels), for `TokenStatsWriter` (cached reference / history
+        losses; the hash lets a later run detect a stale cache sample by sample)."""
+        from tokensel.trainer.token_cache import sample_hash, sample_positions
+
+        loss = self.token_stats(self.model, batch, grad=False)[0].float().cpu()
+        ti = batch["token_index"].cpu()
         out = []
-        for b in range(loss.shape[0]):
-            idx = batch["sample_index"][b]
-            for s in idx[idx >= 0].unique().tolist():
-                pos = idx == s
-                vals = torch.zeros(int(batch["token_index"][b][pos].max()) + 1)
-                vals[batch["token_index"][b][pos]] = loss[b][pos].float().cpu()
-                out.append((int(s), vals.tolist()))
+        for b, s, pos in sample_positions(batch):
+            vals = torch.zeros(int(ti[b, pos].max()) + 1)
+            vals[ti[b, pos]] = loss[b, pos]
+            out.append((s, vals, sample_hash(batch["input_ids"][b, pos], batch["labels"][b, pos])))
         return out
 
     # ------------------------------------------------------------------ checkpoints and export
