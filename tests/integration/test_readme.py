@@ -75,6 +75,9 @@ def test_readme_trainer_commands_run(in_tmp):
             assert e.value.code in (0, None)
     assert (in_tmp / "exported" / "rho1" / "config.json").exists()
     assert (in_tmp / "exported" / "rho1-lora" / "adapter_config.json").exists()
+    assert (in_tmp / "checkpoints" / "rho1_reference" / "export" / "config.json").exists()
+    for cache in ("base_losses", "ref_losses"):
+        assert (in_tmp / "checkpoints" / "rho1_static" / f"{cache}.safetensors").exists()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,8 +14,15 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 TINY = ROOT / "tests" / "integration" / "tiny"
 
 
-# recipes that read another recipe's product: run those first (tiny), in the same folder
-PREREQ = {"rho1": ["rho1_reference"]}
+# recipes that read another run's product: make it first (tiny), in the same folder, as the recipe's header says
+WRITER = ["--trainer.callbacks+=TokenStatsWriter", "--trainer.callbacks.out"]
+PREREQ = {
+    "rho1": [["fit", "rho1_reference"]],
+    "rho1_static": [["fit", "rho1_reference"],
+                    ["predict", "rho1_static", *WRITER, "checkpoints/rho1_static/base_losses.safetensors"],
+                    ["predict", "rho1_static", "--model.init_args.model", "checkpoints/rho1_reference/export",
+                     *WRITER, "checkpoints/rho1_static/ref_losses.safetensors"]],
+}
 
 
 def overlay(recipe: Path) -> Path:
@@ -42,10 +49,11 @@ def test_print_config_roundtrip(recipe, in_tmp, capsys):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
 def test_two_step_fit(recipe, in_tmp):
-    for first in PREREQ.get(recipe.stem, []):
+    for sub, first, *extra in PREREQ.get(recipe.stem, []):
         pre = recipe.with_name(f"{first}.yaml")
-        cli_main(["fit", "--config", str(pre), "--config", str(overlay(pre)), "--trainer.max_steps", "2",
-                  "--trainer.logger", "false"])
+        steps = ["--trainer.max_steps", "2"] if sub == "fit" else []
+        cli_main([sub, "--config", str(pre), "--config", str(overlay(pre)), *steps, "--trainer.logger", "false",
+                  *extra])
     cli = cli_main(["fit", "--config", str(recipe), "--config", str(overlay(recipe)),
                     "--trainer.max_steps", "2", "--trainer.logger", "false"])
     assert cli.trainer.global_step == 2

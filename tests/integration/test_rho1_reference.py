@@ -47,8 +47,9 @@ def test_reference_then_selective_run(in_tmp):
     ref_w = dict(m.reference.named_parameters())
     base = m.model.get_base_model() if hasattr(m.model, "get_base_model") else m.model
     name = "model.layers.0.mlp.down_proj.weight"
-    assert not torch.allclose(ref_w[name], dict(base.named_parameters())[name.replace(
-        "down_proj.weight", "down_proj.base_layer.weight")] if m.lora is not None else dict(base.named_parameters())[name])
+    start = dict(base.named_parameters())
+    start_w = start[name.replace("down_proj.weight", "down_proj.base_layer.weight")] if m.lora else start[name]
+    assert not torch.allclose(ref_w[name], start_w)
 
 
 def test_missing_reference_names_the_command(in_tmp, capsys):

@@ -11,5 +11,5 @@ from tokensel.trainer.token_cache import TokenStatsCache, TokenStatsWriter
 from tokensel.trainer.vision_data import *  # noqa: F401,F403
 from tokensel.trainer.vit import *  # noqa: F401,F403
 
-__all__ = ["TokenselTrainer", "ExportOnFitEnd", "SFTDataModule", "PretrainDataModule", "SelectiveLM", "LoRA", "TokenStatsCache",
-           "TokenStatsWriter"]
+__all__ = ["TokenselTrainer", "ExportOnFitEnd", "SFTDataModule", "PretrainDataModule", "SelectiveLM", "LoRA",
+           "TokenStatsCache", "TokenStatsWriter"]

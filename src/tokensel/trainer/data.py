@@ -388,12 +388,20 @@ class TextDataModule(LightningDataModule, abc.ABC):
     def __init__(self, tokenizer: str | None = None, max_length: int = 512, batch_size: int = 4,
                  val_fraction: float = 0.05, val_files: list[str] | None = None, num_workers: int = 0,
                  on_bad_row: Literal["error", "skip"] = "error", shuffle: bool = True, seed: int = 0,
-                 max_samples: int | None = None) -> None:
+                 max_samples: int | None = None, reference_fraction: float = 0.0,
+                 split_part: Literal["main", "reference"] = "main") -> None:
         super().__init__()
         if on_bad_row not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_row={on_bad_row!r}: use 'error' or 'skip'")
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={val_fraction}: must lie in [0, 1)")
+        if not 0.0 <= reference_fraction < 1.0:
+            raise ConfigError(f"data.reference_fraction={reference_fraction}: must lie in [0, 1)")
+        if split_part not in ("main", "reference"):
+            raise ConfigError(f"data.split_part={split_part!r}: use 'main' or 'reference'")
+        if split_part == "reference" and reference_fraction == 0:
+            raise ConfigError("data.split_part=reference needs data.reference_fraction > 0 (the share set aside)")
+        self.reference_fraction, self.split_part = reference_fraction, split_part
         self.tokenizer_name, self.max_length, self.batch_size = tokenizer, max_length, batch_size
         self.val_fraction, self.val_files, self.num_workers = val_fraction, val_files, num_workers
         self.on_bad_row, self.shuffle, self.seed, self.max_samples = on_bad_row, shuffle, seed, max_samples
@@ -437,6 +445,15 @@ class TextDataModule(LightningDataModule, abc.ABC):
             perm = torch.randperm(len(samples), generator=g).tolist()
             n_val = int(round(len(samples) * self.val_fraction))
             val, samples = [samples[i] for i in perm[:n_val]], [samples[i] for i in perm[n_val:]]
+        if self.reference_fraction:
+            # a curated split for a Rho-1 reference model: set aside after the validation split (so both runs
+            # validate on the same samples), seeded, never trained on by the main (selective) run
+            g = torch.Generator().manual_seed(self.seed + 7919)
+            perm = torch.randperm(len(samples), generator=g).tolist()
+            n_ref = int(round(len(samples) * self.reference_fraction))
+            ref, main = [samples[i] for i in perm[:n_ref]], [samples[i] for i in perm[n_ref:]]
+            samples = ref if self.split_part == "reference" else main
+            print(f"tokensel data: training on the {self.split_part} part ({len(ref)} reference / {len(main)} main)")
         self.train_set, self.val_set = self._wrap(samples), self._wrap(val) if val else None
         print(f"tokensel data: {len(samples)} train / {len(val)} validation samples")
 

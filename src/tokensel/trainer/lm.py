@@ -15,6 +15,7 @@ import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -62,6 +63,11 @@ def load_tokenizer(name: str | None):
     return tok
 
 
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id (`org/name`): absolute, relative, or deeper than one slash."""
+    return name.startswith(("/", ".", "~")) or name.count("/") >= 2 or "\\" in name
+
+
 def _unwrap(model):
     """The transformers model under a peft wrapper, if any."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -92,10 +98,12 @@ class SelectiveLM(LightningModule):
         reference_model: frozen reference model for `ref_loss` (Rho-1), loaded like `model`; "initial" =
             a frozen copy of the starting weights.
         reference_losses: or a cache of per-token reference losses (`TokenStatsCache` file).
+        base_losses: a cache of per-token base-model losses (static Rho-1: `StaticRho1Selection`).
         history: source of `his_loss` (ssToken): "base" = the model with LoRA disabled, "ema" = an EMA copy of
             the trainable weights (updated after each optimizer step), "cached" = `history_losses`.
         ema_decay: decay of the EMA history (`history: ema`): his <- decay * his + (1 - decay) * theta.
-        history_losses: cache file for `history: cached`.
+        history_losses: cache file for `history: cached`. Caches are read when training starts, so
+            `trainer predict` can write them with the same recipe.
         distill: knowledge distillation (ESLM-KD): the per-token loss trained (and seen by the selector as
             `loss`) becomes alpha * KL(teacher || student) + (1 - alpha) * CE; null = plain CE.
         report: a `SelectionReport` callback (HTML of kept tokens + keep-ratio / score plots), attached
@@ -112,6 +120,7 @@ class SelectiveLM(LightningModule):
                  lora: LoRA | None = None, gradient_checkpointing: bool = False,
                  reference_model: str | None = None, reference_losses: str | None = None,
                  history: Literal["none", "base", "ema", "cached"] = "none", history_losses: str | None = None,
+                 base_losses: str | None = None,
                  ema_decay: float = 0.999, distill: Distill | None = None,
                  report: SelectionReport | None = None,
                  kernels: Literal["auto", "triton", "torch"] = "auto", chunk_size: int = 2048,
@@ -128,11 +137,18 @@ class SelectiveLM(LightningModule):
         self.lora, self.history = lora, history
         self.model = self._build_model()
         self.tokenizer = load_tokenizer(tokenizer or (None if model_config else self._resolved_model))
-        self.reference = self._load_reference(reference_model) if reference_model else None
-        self.reference_cache = (TokenStatsCache.load(reference_losses, role="model.reference_losses")
-                                if reference_losses else None)
-        self.history_cache = (TokenStatsCache.load(history_losses, role="model.history_losses")
-                              if history_losses else None)
+        if reference_model == "initial" and selector is not None and "ref_loss" in selector.needs:
+            raise ConfigError(
+                f"model.reference_model=initial: {type(selector).__name__} needs a trained reference model; a "
+                "copy of the start weights makes the excess loss 0 at step 0 and then keeps the tokens whose "
+                "loss went up. Train one with `trainer fit --config recipes/rho1_reference.yaml` and set "
+                "model.reference_model to its export folder")
+        self.reference = (self._load_reference(reference_model, "model.reference_model")
+                          if reference_model else None)
+        # cache files, opened at their first use (fit start): `trainer predict` writes them with this recipe
+        self.cache_paths = {"reference_losses": reference_losses, "history_losses": history_losses,
+                            "base_losses": base_losses}
+        self._caches: dict[str, TokenStatsCache] = {}
         if not 0.0 <= ema_decay < 1.0:
             raise ConfigError(f"model.ema_decay={ema_decay} must lie in [0, 1)")
         self.ema_decay, self.distill = ema_decay, distill
@@ -141,7 +157,8 @@ class SelectiveLM(LightningModule):
         self._ema_step = 0
         self._micro = 0  # micro-batch index within the optimizer step (set by training_step)
         self.total_steps = 0  # run length for schedules inside selectors; 0 = from the trainer
-        self.teacher = self._load_reference(distill.teacher) if distill is not None else None
+        self.manual_step = 0  # the optimizer step when a script steps the module without a Trainer
+        self.teacher = self._load_reference(distill.teacher, "model.distill.teacher") if distill is not None else None
         self._check_selector_inputs()
         # Frozen reference weights are rebuilt from the config on load, never stored in checkpoints.
         self.checkpoint_skip_prefixes = ("reference.", "teacher.")
@@ -184,7 +201,8 @@ class SelectiveLM(LightningModule):
             model = get_peft_model(model, cfg)
         return model
 
-    def _load_reference(self, name: str):
+    def _load_reference(self, name: str, key: str = "model.reference_model"):
+        """A frozen model for reference / teacher losses; "initial" = a snapshot of the starting weights."""
         from transformers import AutoModelForCausalLM
 
         if name == "initial":  # a frozen snapshot of the starting weights (base model before fine-tuning)
@@ -192,21 +210,50 @@ class SelectiveLM(LightningModule):
             if self.lora is not None:
                 ref = copy.deepcopy(self.model).merge_and_unload()
         else:
+            if _looks_like_path(name) and not Path(name).expanduser().is_dir():
+                how = ("`trainer fit --config recipes/rho1_reference.yaml` (trains the reference model on its "
+                       "curated split and exports it there)" if key == "model.reference_model"
+                       else "`trainer export --config RECIPE --ckpt_path last --out DIR`")
+                raise ConfigError(f"{key}={name}: no such folder; make it first with {how}")
             ref = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=self._torch_dtype())
+            self._check_same_vocabulary(ref, name, key)
         ref.requires_grad_(False).eval()
         return ref
+
+    def _check_same_vocabulary(self, ref, name: str, key: str) -> None:
+        """Reference / teacher losses are compared token by token: the vocabularies must be the same."""
+        mine = _unwrap(self.model).get_output_embeddings().weight.shape[0]
+        theirs = ref.get_output_embeddings().weight.shape[0]
+        if mine != theirs:
+            raise ConfigError(f"{key}={name}: its vocabulary has {theirs} rows, the model's {mine}; the "
+                              "reference must use the model's tokenizer")
+        folder = resolve_model(name)
+        try:
+            from transformers import AutoTokenizer
+
+            ref_tok = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError):  # a folder without tokenizer files: the row count is all we can check
+            return
+        if ref_tok.get_vocab() != self.tokenizer.get_vocab():
+            diff = len(set(ref_tok.get_vocab().items()) ^ set(self.tokenizer.get_vocab().items()))
+            raise ConfigError(f"{key}={name}: its tokenizer differs from the model's ({diff} vocabulary entries "
+                              "differ); per-token losses would not line up. Train the reference with the "
+                              "model's tokenizer")
 
     def _check_selector_inputs(self) -> None:
         needs = self.selector.needs
         sel = type(self.selector).__name__
-        if "ref_loss" in needs and self.reference is None and self.reference_cache is None:
+        if "ref_loss" in needs and self.reference is None and self.cache_paths["reference_losses"] is None:
             raise ConfigError(f"{sel} needs reference losses: set model.reference_model (a model folder / id) "
                               "or model.reference_losses (a cached per-token loss file)")
+        if "base_loss" in needs and self.cache_paths["base_losses"] is None:
+            raise ConfigError(f"{sel} needs cached base-model losses: set model.base_losses (written by "
+                              "`trainer predict` with the TokenStatsWriter callback)")
         if "his_loss" in needs:
             if self.history == "base" and self.lora is None:
                 raise ConfigError(f"{sel}: model.history=base uses the model with LoRA disabled, so model.lora "
                                   "must be set (or use history: cached with model.history_losses)")
-            if self.history == "cached" and self.history_cache is None:
+            if self.history == "cached" and self.cache_paths["history_losses"] is None:
                 raise ConfigError(f"{sel}: model.history=cached needs model.history_losses (a cache file)")
             if self.history == "none":
                 raise ConfigError(f"{sel} needs history losses: set model.history to base, ema or cached")
@@ -248,6 +295,33 @@ class SelectiveLM(LightningModule):
         entropy = zeros.index_put((b, t), ent_r.detach())
         return loss, entropy, valid
 
+    def cache(self, key: str) -> TokenStatsCache | None:
+        """The cache named by `model.<key>` (reference_losses, history_losses, base_losses), opened once."""
+        path = self.cache_paths[key]
+        if path is None:
+            return None
+        if key not in self._caches:
+            self._caches[key] = TokenStatsCache.load(path, role=f"model.{key}")
+        return self._caches[key]
+
+    @property
+    def reference_cache(self) -> TokenStatsCache | None:
+        return self.cache("reference_losses")
+
+    @property
+    def history_cache(self) -> TokenStatsCache | None:
+        return self.cache("history_losses")
+
+    def setup(self, stage: str) -> None:
+        """Open the caches the selector reads before the first step, so a missing one stops the run at once
+        (`trainer predict`, which writes them, does not need them)."""
+        if stage == "fit":
+            needs = self.selector.needs
+            for key, stat in (("reference_losses", "ref_loss"), ("base_losses", "base_loss"),
+                              ("history_losses", "his_loss")):
+                if stat in needs:
+                    self.cache(key)
+
     def _cached(self, cache: TokenStatsCache, batch: dict) -> Tensor:
         """Cached per-token values `[B, T]` for `batch`. The first use compares the cache's fingerprint with
         this run's (tokenizer, data files and settings; for history losses also the model: a reference-loss
@@ -259,7 +333,7 @@ class SelectiveLM(LightningModule):
             trainer = self._trainer
             dm = getattr(trainer, "datamodule", None) if trainer is not None else None
             cache.check_fingerprint(run_fingerprint(self, dm, trainer, content=False),
-                                    compare_model=cache.role == "model.history_losses")
+                                    compare_model=cache.role in ("model.history_losses", "model.base_losses"))
         return cache.lookup_batch(batch).to(batch["labels"].device)
 
     def pre_stats(self, batch: dict, needs: frozenset[str]) -> dict[str, Tensor]:
@@ -269,6 +343,8 @@ class SelectiveLM(LightningModule):
             if "ref_loss" in needs:
                 out["ref_loss"] = (self._cached(self.reference_cache, batch) if self.reference_cache is not None
                                    else self.token_stats(self.reference, batch, grad=False)[0])
+            if "base_loss" in needs:
+                out["base_loss"] = self._cached(self.cache("base_losses"), batch)
             if "his_loss" in needs:
                 if self.history == "cached":
                     out["his_loss"] = self._cached(self.history_cache, batch)
@@ -279,8 +355,26 @@ class SelectiveLM(LightningModule):
                     with self.model.disable_adapter():
                         out["his_loss"] = self.token_stats(self.model, batch, grad=False)[0]
             if needs & {"score_loss", "score_entropy"}:
-                out["score_loss"], out["score_entropy"], _ = self.token_stats(self.model, batch, grad=False)
+                if getattr(self.selector, "score_span", "answer") == "all":
+                    out.update(self._score_all_positions(batch))
+                else:
+                    out["score_loss"], out["score_entropy"], _ = self.token_stats(self.model, batch, grad=False)
         return out
+
+    def _score_all_positions(self, batch: dict) -> dict:
+        """Scoring pass whose entropy covers every non-pad position from 1 on (prompt included), for selectors
+        with `score_span = "all"` (Q-Tuning's released code); the loss stays on the labelled positions."""
+        real = batch["sample_index"] >= 0 if "sample_index" in batch else batch["attention_mask"].bool()
+        span = real.clone()
+        span[:, 0] = False
+        if "sample_index" in batch:  # a packed row's next sample does not predict from the previous one
+            span[:, 1:] &= batch["sample_index"][:, 1:] == batch["sample_index"][:, :-1]
+        labelled = batch["labels"] != IGNORE
+        loss, entropy, _ = self.token_stats(self.model, {**batch, "labels": batch["input_ids"].masked_fill(
+            ~span, IGNORE)}, grad=False)
+        labelled[:, 0] = False
+        return {"score_loss": loss * labelled, "score_entropy": entropy * span,
+                "extras": {"score_entropy_mask": span}}
 
     # ------------------------------------------------------------------ the step
 
@@ -289,10 +383,11 @@ class SelectiveLM(LightningModule):
         sel = self.selector
         valid0 = batch["labels"] != IGNORE
         valid0[:, 0] = False
-        stats = TokenStats(valid=valid0, sample_ids=batch.get("sample_index"), step=int(self.global_step),
+        step = int(self.global_step) if self._trainer is not None else int(self.manual_step)
+        pre = self.pre_stats(batch, sel.needs | ({"score_loss", "score_entropy"} if sel.uses_triage else frozenset()))
+        stats = TokenStats(valid=valid0, sample_ids=batch.get("sample_index"), step=step,
                            micro=self._micro, rank=int(self.global_rank), total_steps=self.run_steps(),
-                           **self.pre_stats(batch, sel.needs | ({"score_loss", "score_entropy"} if sel.uses_triage
-                                                                  else frozenset())))
+                           **pre)
         prior = None
         n_samples = batch["labels"].shape[0]
         if sel.uses_triage:

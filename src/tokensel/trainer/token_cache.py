@@ -197,8 +197,9 @@ class TokenStatsCache:
     @classmethod
     def load(cls, path: str, role: str | None = None) -> TokenStatsCache:
         if not Path(path).is_file():
-            raise ConfigError(f"token statistics cache {path}: no such file; write one with "
-                              "`trainer predict ... --trainer.callbacks+=TokenStatsWriter`")
+            raise ConfigError(f"{role + '=' if role else 'token statistics cache '}{path}: no such file; write it "
+                              "with `trainer predict --config RECIPE --trainer.callbacks+=TokenStatsWriter "
+                              f"--trainer.callbacks.out {path}`")
         from safetensors import safe_open
 
         try:
