@@ -84,3 +84,15 @@ def test_ada_eslm_mass_rule_by_hand():
     clipped(_st([[1.0, 4.0, 2.0, 3.0]], step=1))
     assert float(clipped.alpha_state) == pytest.approx(0.6)
     assert "alpha_state" in sel.state_dict()  # checkpointed, so a resumed run continues the schedule
+
+
+def test_sample_scope_quantile_per_original_sample_in_packed_rows():
+    # one packed row: sample 4 (losses 1 2 3 4) and sample 5 (10 20 30 40); alpha .5 per sample keeps
+    # each sample's upper half, not the row's (which would be all of sample 5)
+    valid = torch.tensor([[False, True, True, True, True, True, True, True, True]])
+    ids = torch.tensor([[4, 4, 4, 4, 4, 5, 5, 5, 5]])
+    loss = torch.tensor([[0.0, 1, 2, 3, 4, 10, 20, 30, 40]])
+    st = TokenStats(valid=valid, loss=loss, sample_ids=ids)
+    assert EslmSelection(alpha=0.5, scope="sample")(st).tolist() == [[0, 0, 0, 1, 1, 0, 0, 1, 1]]
+    unpacked = TokenStats(valid=valid, loss=loss)  # no sample ids: the row is one group
+    assert EslmSelection(alpha=0.5, scope="sample")(unpacked).tolist() == [[0, 0, 0, 0, 0, 1, 1, 1, 1]]

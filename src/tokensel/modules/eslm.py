@@ -49,9 +49,18 @@ def var_threshold(score: Tensor, alpha: float) -> Tensor:
     return s[min(n - 1, int(math.floor(alpha * n + 1e-9)))]
 
 
-def var_mask(score: Tensor, valid: Tensor, alpha: float, scope: str = "batch") -> Tensor:
-    """`[B, T]` float 0/1: valid tokens with score >= the alpha-quantile of their ranking group."""
+def var_mask(score: Tensor, valid: Tensor, alpha: float, scope: str = "batch", groups: Tensor | None = None
+             ) -> Tensor:
+    """`[B, T]` float 0/1: valid tokens with score >= the alpha-quantile of their ranking group. `groups`
+    (`[B, T]` sample ids, scope "sample"): one quantile per original sample inside packed rows."""
     valid = valid.bool()
+    if scope == "sample" and groups is not None:
+        keep = torch.zeros_like(valid)
+        for b in range(score.shape[0]):
+            for g in groups[b][valid[b]].unique().tolist():
+                part = valid[b] & (groups[b] == g)
+                keep[b] |= part & (score[b].float() >= var_threshold(score[b][part], alpha))
+        return keep.float()
     if scope == "sample":
         thr = torch.stack([var_threshold(score[b][valid[b]], alpha) for b in range(score.shape[0])])[:, None]
     elif scope == "global":
@@ -89,7 +98,8 @@ class EslmSelection(TokenSelector):
     def select(self, stats: TokenStats) -> Tensor:
         s = getattr(stats, self.score_name).detach().float()
         self.last_score = s
-        return var_mask(s, stats.valid, self.current_alpha(stats), self.scope)
+        groups = stats.groups() if self.scope == "sample" else None
+        return var_mask(s, stats.valid, self.current_alpha(stats), self.scope, groups)
 
 
 class AdaEslmSelection(EslmSelection):
