@@ -80,6 +80,13 @@ def sft_arms(args, seed: int, ref_dir: str, caches: dict[str, str]) -> list[tupl
     ]
 
 
+def pick(arms: list[tuple[str, dict]], only: list[str] | None) -> list[tuple[str, dict]]:
+    """The arms whose name starts with one of `only` (all without it); full and random always run."""
+    if not only:
+        return arms
+    return [(n, kw) for n, kw in arms if n.startswith(("full", "random", *only))]
+
+
 def pt_arms(seed: int) -> list[tuple[str, dict]]:
     from tokensel.modules import AdaEslmSelection, EslmSelection, FullSelection, RandomSelection
 
@@ -122,8 +129,9 @@ def seeded_batches(dataset, collate, n_steps: int, batch: int, seed: int) -> lis
     return out
 
 
-def train_interleaved(modules: list, data: list[dict], lr: float, wd: float, clip: float | None
-                      ) -> tuple[list[list[float]], list[list[float]]]:
+def train_interleaved(modules: list, data: list[dict], lr: float, wd: float, clip: float | None,
+                      eval_every: int = 0, on_eval=None) -> tuple[list[list[float]], list[list[float]]]:
+    """Step every module on the same batches, interleaved; `on_eval(step)` every `eval_every` steps."""
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
             for m in modules]
     for m in modules:
@@ -148,6 +156,10 @@ def train_interleaved(modules: list, data: list[dict], lr: float, wd: float, cli
             if i > 0 or len(data) == 1:  # step 1 also pays one-off costs (allocations, lazy init)
                 times[k].append(dt)
             keeps[k].append(out["keep_ratio"])
+        if eval_every and on_eval is not None and (i + 1) % eval_every == 0:
+            on_eval(i + 1)
+            for m in modules:
+                m.train()
         if (i + 1) % max(1, len(data) // 10) == 0 or i == 0:
             print(f"  step {i + 1}/{len(data)}: " + ", ".join(f"{t:.2f}s" for t in step_t), flush=True)
     return times, keeps
@@ -162,6 +174,20 @@ def heldout_loss(module, batches: list[dict]) -> float:
         tot += float(loss[valid].sum())
         n += int(valid.sum())
     return tot / max(n, 1)
+
+
+@torch.no_grad()
+def heldout_tail(module, batches: list[dict], alpha: float = 0.4) -> tuple[float, float]:
+    """(mean CE over every held-out token, CVaR_alpha: the mean of the top (1 - alpha) share of them),
+    the second being what ESLM's objective targets."""
+    module.eval()
+    losses = []
+    for b in batches:
+        loss, _, valid = module.token_stats(module.model, b, grad=False)
+        losses.append(loss[valid].float())
+    x = torch.sort(torch.cat(losses), descending=True).values
+    k = max(1, math.ceil((1 - alpha) * x.numel() - 1e-9))
+    return float(x.mean()), float(x[:k].mean())
 
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -319,7 +345,7 @@ def run_sft(args) -> tuple[str, dict]:
     print(f"SFT base: held-out loss {base_loss:.4f}, acc {base_acc[0]:.3f}/{base_acc[1]:.3f}", flush=True)
     results: dict[str, dict[str, list]] = {}
     for seed in args.seeds:
-        named = sft_arms(args, seed, ref_dir, caches)
+        named = pick(sft_arms(args, seed, ref_dir, caches), args.arms)
         modules = [build_sft(args, seed, **kw) for _, kw in named]
         data = seeded_batches(main_dm.train_set, coll, args.sft_steps, args.batch, seed)
         print(f"SFT seed {seed}: {args.sft_steps} steps x {len(modules)} arms (interleaved)", flush=True)
@@ -379,35 +405,61 @@ def run_pt(args) -> tuple[str, dict]:
     val = [dm.val_set[i] for i in range(min(args.pt_n_eval, len(dm.val_set)))]
     val_batches = [coll(val[s:s + args.pt_batch]) for s in range(0, len(val), args.pt_batch)]
     results: dict[str, dict[str, list]] = {}
+    curve: dict[tuple[str, int], list[tuple[float, float]]] = {}
     n_params = 0
     for seed in args.seeds:
-        named = pt_arms(seed)
+        named = pick(pt_arms(seed), args.arms)
         modules = [build_pt(args, seed, **kw) for _, kw in named]
         n_params = sum(p.numel() for p in modules[0].model.parameters())
-        init = heldout_loss(modules[0], val_batches)
+        init = heldout_tail(modules[0], val_batches)
         data = seeded_batches(dm.train_set, coll, args.pt_steps, args.pt_batch, seed)
+
+        def on_eval(step, named=named, modules=modules):
+            for (name, _), m in zip(named, modules):
+                curve.setdefault((name, step), []).append(heldout_tail(m, val_batches))
+
         print(f"PT seed {seed}: {args.pt_steps} steps x {len(modules)} arms (interleaved)", flush=True)
-        times, keeps = train_interleaved(modules, data, args.pt_lr, 0.1, 1.0)
-        results.setdefault("init (step 0)", {"loss": [], "t": [], "keep": []})["loss"].append(init)
+        times, keeps = train_interleaved(modules, data, args.pt_lr, 0.1, 1.0, args.pt_eval_every, on_eval)
+        r0 = results.setdefault("init (step 0)", {"loss": [], "tail": [], "t": [], "keep": []})
+        r0["loss"].append(init[0])
+        r0["tail"].append(init[1])
         for (name, _), m, t, k in zip(named, modules, times, keeps):
-            r = results.setdefault(name, {"loss": [], "t": [], "keep": []})
-            r["loss"].append(heldout_loss(m, val_batches))
+            r = results.setdefault(name, {"loss": [], "tail": [], "t": [], "keep": []})
+            mean, tail = heldout_tail(m, val_batches)
+            r["loss"].append(mean)
+            r["tail"].append(tail)
             r["t"] += t
             r["keep"] += k
-            print(f"PT seed {seed} {name}: held-out loss {r['loss'][-1]:.4f}", flush=True)
+            print(f"PT seed {seed} {name}: held-out loss {mean:.4f}, CVaR0.4 {tail:.4f}", flush=True)
         del modules
+    return pt_table(results, curve), {"n_train": len(dm.train_set), "n_val": len(dm.val_set), "n_eval": len(val),
+                                      "n_params": n_params}
+
+
+def pt_table(results: dict, curve: dict) -> str:
     rnd = statistics.mean(results["random k=0.6"]["loss"])
+    rnd_tail = statistics.mean(results["random k=0.6"]["tail"])
     full_t = statistics.median(results["full"]["t"])
-    lines = ["| arm | held-out loss, all tokens (mean ± std over seeds) | Δ vs random | s/step (median) | ÷ full | "
-             "keep ratio |", "|---|---|---|---|---|---|"]
+    lines = ["| arm | held-out loss, all tokens (mean ± std over seeds) | Δ vs random | held-out CVaR0.4 (top 60% "
+             "of token losses) | Δ vs random | s/step (median) | ÷ full | keep ratio |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         t = statistics.median(r["t"]) if r["t"] else float("nan")
         timing = "– | – | – |" if not r["t"] else f"{t:.3f} | {t / full_t:.2f} | {statistics.mean(r['keep']):.2f} |"
-        lines.append(f"| {name} | {_mean_std(r['loss'])} | {statistics.mean(r['loss']) - rnd:+.4f} | {timing}")
+        lines.append(f"| {name} | {_mean_std(r['loss'])} | {statistics.mean(r['loss']) - rnd:+.4f} | "
+                     f"{_mean_std(r['tail'])} | {statistics.mean(r['tail']) - rnd_tail:+.4f} | {timing}")
     lines.append("\nPer seed held-out loss: " + "; ".join(
         f"{n}: " + ", ".join(f"{x:.4f}" for x in r["loss"]) for n, r in results.items()))
-    return "\n".join(lines), {"n_train": len(dm.train_set), "n_val": len(dm.val_set), "n_eval": len(val),
-                              "n_params": n_params}
+    if curve:
+        steps = sorted({s for _, s in curve})
+        names = list(dict.fromkeys(n for n, _ in curve))
+        lines += ["\nHeld-out loss during training (mean over seeds; CVaR0.4 in brackets):\n",
+                  "| arm | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+        for n in names:
+            cells = [f"{statistics.mean(v[0] for v in curve[(n, s)]):.3f} "
+                     f"({statistics.mean(v[1] for v in curve[(n, s)]):.3f})" for s in steps]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- main
@@ -419,6 +471,7 @@ def parse(argv):
     ap.add_argument("--tiny", action="store_true", help="from-config 2-layer models, tiny tokenizer (smoke test)")
     ap.add_argument("--parts", nargs="+", default=["pt", "sft"], choices=["pt", "sft"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", default=None, help="only the arms whose name starts so (+ full, random)")
     ap.add_argument("--sft-steps", type=int, default=24)
     ap.add_argument("--ref-steps", type=int, default=24, help="reference-model SFT steps on the curated split")
     ap.add_argument("--batch", type=int, default=8, help="SFT samples per step")
@@ -439,6 +492,7 @@ def parse(argv):
     ap.add_argument("--pt-lr", type=float, default=6e-4)
     ap.add_argument("--pt-val-fraction", type=float, default=0.02)
     ap.add_argument("--pt-n-eval", type=int, default=128, help="held-out pretraining blocks for the loss")
+    ap.add_argument("--pt-eval-every", type=int, default=0, help="also score every N steps (a learning curve)")
     ap.add_argument("--out", default=str(RESULTS))
     return ap.parse_args(argv)
 
@@ -485,7 +539,8 @@ def main(argv: list[str] | None = None) -> None:
             f"blocks of {args.pt_seq} tokens, {r['n_train']} train / {r['n_val']} held-out blocks; batch "
             f"{args.pt_batch} blocks, {args.pt_steps} AdamW steps (lr {args.pt_lr} constant, wd 0.1, clip 1.0); per "
             "seed the same init and batches for every arm\n"
-            f"- held-out loss: mean CE over every token of {r['n_eval']} held-out blocks\n"
+            f"- held-out loss: mean CE over every token of {r['n_eval']} held-out blocks; CVaR0.4 = the mean of "
+            "the highest 60% of those token losses (ESLM's objective at alpha 0.4)\n"
             f"- part wall time: {time.perf_counter() - t0:.0f} s\n\n{table}\n")
         write()
     if "sft" in args.parts:

@@ -111,7 +111,8 @@ class SelectiveLM(LightningModule):
         kernels: LM-head backend, "auto" | "triton" | "torch" (env TOKENSEL_KERNELS overrides).
         chunk_size: rows per chunk in the torch LM-head op (memory vs. speed).
         dtype: model weights dtype ("float32", "bfloat16", ...).
-        attn_implementation: "sdpa" (default) or "eager".
+        attn_implementation: "sdpa" (default), "eager" or "flex_attention" (each gets the packed block mask in
+            the form it reads); kernels without 4-D masks (flash_attention_2, ...) refuse `packing: true`.
     """
 
     def __init__(self, model: str = "HuggingFaceTB/SmolLM2-135M-Instruct", model_config: dict | None = None,
