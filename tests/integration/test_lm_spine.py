@@ -23,13 +23,13 @@ def _fit(recipe, *extra):
 @pytest.mark.parametrize("lora", [False, True])
 def test_export_loads_in_plain_transformers_with_equal_logits(in_tmp, lora):
     extra = [] if lora else ["--model.init_args.lora", "null"]
-    cli = _fit("rho1.yaml", "--trainer.max_steps", "3", *extra)
+    cli = _fit("random.yaml", "--trainer.max_steps", "3", *extra)
     module = cli.model.eval()
     ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = module.model(input_ids=ids).logits
     torch.save({"ids": ids, "logits": want}, in_tmp / "want.pt")
-    cli_main(["export", "--config", str(ROOT / "recipes" / "rho1.yaml"), "--config", str(TINY), *extra,
+    cli_main(["export", "--config", str(ROOT / "recipes" / "random.yaml"), "--config", str(TINY), *extra,
               "--ckpt_path", "last", "--out", str(in_tmp / "hf")])  # the export verb, as a user runs it
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
         assert (in_tmp / "hf" / name).exists(), name
