@@ -297,6 +297,15 @@ def train_reference(args, main_dm, ref_dm, out_dir: str) -> dict:
     return {"steps": args.ref_steps, "n": len(ref_dm.train_set), "s": time.perf_counter() - t0, "val_loss": loss}
 
 
+def reference_val_loss(args, main_dm, ref_dir: str) -> float:
+    from tokensel.trainer.lm import SelectiveLM
+
+    m = SelectiveLM(model=ref_dir, kernels="torch")
+    val = [main_dm.val_set[i] for i in range(len(main_dm.val_set))]
+    coll = main_dm._collate()
+    return heldout_loss(m, [coll(val[s:s + args.batch]) for s in range(0, len(val), args.batch)])
+
+
 def write_caches(args, main_dm, ref_dir: str, out: Path) -> dict[str, str]:
     """Static Rho-1's two caches over the main split, written as `trainer predict` + `TokenStatsWriter` write
     them (same rows, hashes and fingerprint): the base model's and the reference model's per-token losses."""
@@ -327,12 +336,21 @@ def run_sft(args) -> tuple[str, dict]:
 
     tok = load_tokenizer(None) if args.tiny else build_sft(args, 0).tokenizer
     main_dm, ref_dm = _sft_data(args, tok, "main"), _sft_data(args, tok, "reference")
-    work = Path(tempfile.mkdtemp(prefix="tokensel-quality-"))
+    work = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="tokensel-quality-"))
     ref_dir = str(work / "reference")
-    print(f"SFT: training the reference model ({args.ref_steps} steps on {len(ref_dm.train_set)} samples)",
-          flush=True)
-    ref_info = train_reference(args, main_dm, ref_dm, ref_dir)
-    caches = write_caches(args, main_dm, ref_dir, work)
+    if args.reuse:  # stage 1 of an earlier run with the same data settings (reference model + both caches)
+        caches = {n: str(work / f"{n}_losses.safetensors") for n in ("base", "ref")}
+        info = work / "reference.json"
+        ref_info = (json.loads(info.read_text()) if info.exists() else
+                    {"steps": args.ref_steps, "s": float("nan"), "val_loss": reference_val_loss(args, main_dm, ref_dir)})
+        print(f"SFT: reusing the reference model and caches in {work}", flush=True)
+    else:
+        print(f"SFT: training the reference model ({args.ref_steps} steps on {len(ref_dm.train_set)} samples)",
+              flush=True)
+        ref_info = train_reference(args, main_dm, ref_dm, ref_dir)
+        (work / "reference.json").write_text(json.dumps(ref_info))
+        caches = write_caches(args, main_dm, ref_dir, work)
+    print(f"SFT: stage 1 (reference model, static Rho-1 caches) in {work}", flush=True)
     rows = [json.loads(ln) for ln in open(EMBEDDED_SFT, encoding="utf-8") if ln.strip()]
     val = [main_dm.val_set[i] for i in range(min(args.n_eval, len(main_dm.val_set)))]
     coll = main_dm._collate()
@@ -493,6 +511,7 @@ def parse(argv):
     ap.add_argument("--pt-val-fraction", type=float, default=0.02)
     ap.add_argument("--pt-n-eval", type=int, default=128, help="held-out pretraining blocks for the loss")
     ap.add_argument("--pt-eval-every", type=int, default=0, help="also score every N steps (a learning curve)")
+    ap.add_argument("--reuse", default=None, help="folder of an earlier run's stage 1 (reference model, caches)")
     ap.add_argument("--out", default=str(RESULTS))
     return ap.parse_args(argv)
 
