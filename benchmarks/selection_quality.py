@@ -341,8 +341,8 @@ def run_sft(args) -> tuple[str, dict]:
     if args.reuse:  # stage 1 of an earlier run with the same data settings (reference model + both caches)
         caches = {n: str(work / f"{n}_losses.safetensors") for n in ("base", "ref")}
         info = work / "reference.json"
-        ref_info = (json.loads(info.read_text()) if info.exists() else
-                    {"steps": args.ref_steps, "s": float("nan"), "val_loss": reference_val_loss(args, main_dm, ref_dir)})
+        ref_info = (json.loads(info.read_text()) if info.exists() else {
+            "steps": args.ref_steps, "s": float("nan"), "val_loss": reference_val_loss(args, main_dm, ref_dir)})
         print(f"SFT: reusing the reference model and caches in {work}", flush=True)
     else:
         print(f"SFT: training the reference model ({args.ref_steps} steps on {len(ref_dm.train_set)} samples)",
