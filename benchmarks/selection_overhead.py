@@ -32,7 +32,7 @@ TINY = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 64, "intermedi
         "max_position_embeddings": 512, "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 2}
 
 
-def configs(cache_path: str) -> list[tuple[str, dict]]:
+def configs(cache_path: str, ref_dir: str) -> list[tuple[str, dict]]:
     from tokensel.modules import (
         EslmSelection,
         FullSelection,
@@ -45,10 +45,13 @@ def configs(cache_path: str) -> list[tuple[str, dict]]:
     return [
         ("full", {"selector": FullSelection()}),
         ("random k=0.6", {"selector": RandomSelection(k=0.6)}),
-        ("rho1 k=0.6 (resident ref)", {"selector": Rho1Selection(k=0.6), "reference_model": "initial"}),
+        # the cost of a resident reference does not depend on its weights: the base model's export serves
+        ("rho1 k=0.6 (resident ref)", {"selector": Rho1Selection(k=0.6), "reference_model": ref_dir}),
         ("eslm alpha=0.4", {"selector": EslmSelection(alpha=0.4)}),
-        ("sstoken online history", {"selector": SsTokenSelection(), "history": "base"}),
-        ("sstoken cached history", {"selector": SsTokenSelection(), "history": "cached", "history_losses": cache_path}),
+        # steady state (after the attention-only warm-up): REL and attention both computed
+        ("sstoken online history", {"selector": SsTokenSelection(warmup_fraction=0.0), "history": "base"}),
+        ("sstoken cached history", {"selector": SsTokenSelection(warmup_fraction=0.0), "history": "cached",
+                                    "history_losses": cache_path}),
         ("qtuning 25% x 50%", {"selector": QTuningSelection(sample_ratio=0.25, token_ratio=0.5)}),
     ]
 
@@ -134,8 +137,9 @@ def main() -> None:
     first = build(args)
     data = batches(args, first)
     write_history_cache(first, data, cache)
+    first.export_hf(str(Path(tmp) / "reference"))
     del first
-    named = configs(cache)
+    named = configs(cache, str(Path(tmp) / "reference"))
     modules = []
     for _, kw in named:
         modules.append(build(args, **kw))
