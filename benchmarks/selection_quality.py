@@ -77,7 +77,12 @@ def sft_arms(args, seed: int, ref_dir: str, caches: dict[str, str]) -> list[tupl
                                                    "base_losses": caches["base"], "reference_losses": caches["ref"]}),
         ("sstoken rho=0.6 gamma=0.5", {"selector": SsTokenSelection(rho=0.6, gamma=0.5), "history": "base"}),
         ("qtuning 25% samples x 50% tokens", {"selector": QTuningSelection(sample_ratio=0.25, token_ratio=0.5)}),
-    ]
+    ] + ([  # ablations (--ablate): which half of ssToken's score moves the held-out loss
+        ("sstoken-ablation gamma=0 (attention only)", {"selector": SsTokenSelection(rho=0.6, gamma=0.0),
+                                                       "history": "base"}),
+        ("sstoken-ablation gamma=1 (REL only, no warm-up)", {
+            "selector": SsTokenSelection(rho=0.6, gamma=1.0, warmup_fraction=0.0), "history": "base"}),
+    ] if args.ablate else [])
 
 
 def pick(arms: list[tuple[str, dict]], only: list[str] | None) -> list[tuple[str, dict]]:
@@ -511,6 +516,7 @@ def parse(argv):
     ap.add_argument("--pt-val-fraction", type=float, default=0.02)
     ap.add_argument("--pt-n-eval", type=int, default=128, help="held-out pretraining blocks for the loss")
     ap.add_argument("--pt-eval-every", type=int, default=0, help="also score every N steps (a learning curve)")
+    ap.add_argument("--ablate", action="store_true", help="SFT: add ssToken's attention-only and REL-only arms")
     ap.add_argument("--reuse", default=None, help="folder of an earlier run's stage 1 (reference model, caches)")
     ap.add_argument("--out", default=str(RESULTS))
     return ap.parse_args(argv)
