@@ -406,7 +406,8 @@ def sft_table(results: dict, base_loss: float, base_acc, n_gen: int) -> str:
     lines.append("\nPer seed held-out loss: " + "; ".join(
         f"{n}: " + ", ".join(f"{x:.4f}" for x in r["loss"]) for n, r in results.items()))
     lines.append(f"\nPer seed exact match (strict, of {n_gen}): " + "; ".join(
-        f"{n}: " + ", ".join(str(round(x * n_gen)) for x in r["strict"]) for n, r in results.items()))
+        f"{n}: " + ", ".join(str(round(x * n_gen)) if x == x else "–" for x in r["strict"])
+        for n, r in results.items()))
     lines.append(f"\nFull minus random held-out loss: {full - rnd:+.4f}")
     return "\n".join(lines)
 
