@@ -147,6 +147,13 @@ class TokenSelector(nn.Module, abc.ABC):
         return topk_mask(score, valid, ratio, scope=self.scope, largest=largest, generator=gen, groups=groups)
 
 
+def sample_parts(valid: Tensor, groups: Tensor):
+    """(row, `[T]` bool mask) for every original sample of a packed batch: its valid positions in that row."""
+    for b in range(valid.shape[0]):
+        for g in groups[b][valid[b]].unique().tolist():
+            yield b, valid[b] & (groups[b] == g)
+
+
 def selection_generator(seed: int, step: int = 0, micro: int = 0, rank: int = 0) -> torch.Generator:
     """CPU generator seeded by a hash of (seed, step, micro-batch, rank). A hash, not `seed + step`: seeds s
     and s + 1 must give unrelated streams, not one stream shifted by a step."""
@@ -211,10 +218,8 @@ def topk_mask(score: Tensor, valid: Tensor, ratio: float, scope: str = "batch", 
     valid = valid.bool()
     if scope == "sample" and groups is not None:
         keep = torch.zeros_like(valid)
-        for b in range(score.shape[0]):
-            for g in groups[b][valid[b]].unique().tolist():
-                part = valid[b] & (groups[b] == g)
-                keep[b] |= _keep_top(score[b], part, ratio, largest, generator)
+        for b, part in sample_parts(valid, groups):
+            keep[b] |= _keep_top(score[b], part, ratio, largest, generator)
     elif scope == "sample":
         keep = torch.stack([_keep_top(score[b], valid[b], ratio, largest, generator) for b in range(score.shape[0])])
     elif scope == "global":

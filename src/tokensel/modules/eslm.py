@@ -37,7 +37,7 @@ import math
 import torch
 from torch import Tensor
 
-from tokensel.modules.base import TokenSelector, TokenStats, _gather_global
+from tokensel.modules.base import TokenSelector, TokenStats, _gather_global, sample_parts
 
 
 def var_threshold(score: Tensor, alpha: float) -> Tensor:
@@ -56,10 +56,8 @@ def var_mask(score: Tensor, valid: Tensor, alpha: float, scope: str = "batch", g
     valid = valid.bool()
     if scope == "sample" and groups is not None:
         keep = torch.zeros_like(valid)
-        for b in range(score.shape[0]):
-            for g in groups[b][valid[b]].unique().tolist():
-                part = valid[b] & (groups[b] == g)
-                keep[b] |= part & (score[b].float() >= var_threshold(score[b][part], alpha))
+        for b, part in sample_parts(valid, groups):
+            keep[b] |= part & (score[b].float() >= var_threshold(score[b][part], alpha))
         return keep.float()
     if scope == "sample":
         thr = torch.stack([var_threshold(score[b][valid[b]], alpha) for b in range(score.shape[0])])[:, None]

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokensel.modules.base import TokenSelector, TokenStats
+from tokensel.modules.base import TokenSelector, TokenStats, sample_parts
 
 
 def minmax_per_sample(x: Tensor, valid: Tensor, eps: float = 1e-8, groups: Tensor | None = None) -> Tensor:
@@ -49,11 +49,9 @@ def minmax_per_sample(x: Tensor, valid: Tensor, eps: float = 1e-8, groups: Tenso
     valid = valid.bool()
     if groups is not None:
         out = torch.zeros_like(x, dtype=torch.float32)
-        for b in range(x.shape[0]):
-            for g in groups[b][valid[b]].unique().tolist():
-                part = valid[b] & (groups[b] == g)
-                lo, hi = x[b][part].min(), x[b][part].max()
-                out[b] = torch.where(part, (x[b] - lo) / (hi - lo + eps), out[b])
+        for b, part in sample_parts(valid, groups):
+            lo, hi = x[b][part].min(), x[b][part].max()
+            out[b] = torch.where(part, (x[b] - lo) / (hi - lo + eps), out[b])
         return out
     lo = x.masked_fill(~valid, float("inf")).amin(1, keepdim=True)
     hi = x.masked_fill(~valid, float("-inf")).amax(1, keepdim=True)
