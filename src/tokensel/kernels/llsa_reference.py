@@ -44,7 +44,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokensel.errors import ConfigError
+try:
+    from tokensel.errors import ConfigError
+except ImportError:  # an exported copy run with trust_remote_code where tokensel is not installed
+    from .errors import ConfigError
 
 MAX_LEVELS = 3
 NEG_INF = float("-inf")

@@ -21,9 +21,17 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokensel.errors import ConfigError
-from tokensel.kernels.llsa import llsa_attention
-from tokensel.kernels.llsa_reference import validate_llsa_args
+try:
+    from tokensel.errors import ConfigError
+    from tokensel.kernels.llsa import llsa_attention
+    from tokensel.kernels.llsa_reference import validate_llsa_args
+except ImportError:  # an exported copy run with trust_remote_code where tokensel is not installed: torch path
+    from .errors import ConfigError
+    from .llsa_reference import llsa_reference, validate_llsa_args
+
+    def llsa_attention(q, k, v, levels=2, block_size=16, top_k=8, causal=False, enrich=True, reweight=True,
+                       scale=None, backend=None):
+        return llsa_reference(q, k, v, levels, block_size, top_k, causal, enrich, reweight, scale)
 
 
 class LLSAttention(nn.Module):
