@@ -131,8 +131,12 @@ BLOCK_ROWS = 16
 def _triton_kernels():
     """Import triton and define the two row kernels (once, on first use)."""
     global triton, tl, _index_tile  # Triton resolves a kernel's helpers through module globals
-    import triton
-    import triton.language as tl
+    try:  # (inside try: an exported copy of this file must not make transformers require triton)
+        import triton
+        import triton.language as tl
+    except ImportError as e:
+        raise RuntimeError("the Triton pack kernels need triton: pip install 'tokensel[kernels]', or use "
+                           "TOKENSEL_KERNELS=torch") from e
 
     @triton.jit
     def _index_tile(idx_ptr, n_rows, n_cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -202,8 +206,10 @@ def scatter_rows_triton(base: Tensor, src: Tensor, index: Tensor) -> Tensor:
 
 def _impl(backend: str | None, device: torch.device):
     """(gather, scatter) implementations for the resolved back-end."""
-    from tokensel.kernels import resolve_backend
-
+    try:
+        from tokensel.kernels import resolve_backend
+    except ImportError:  # an exported copy (trust_remote_code) without tokensel: the torch path only
+        return gather_rows_reference, scatter_rows_reference
     if resolve_backend(backend, device.type, op="pack") == "triton":
         return gather_rows_triton, scatter_rows_triton
     return gather_rows_reference, scatter_rows_reference

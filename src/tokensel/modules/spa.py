@@ -41,8 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tokensel.kernels.pack import gather_rows, pack_tokens, scatter_rows
-from tokensel.modules.dynamic_tuning import dense_block
+from .dynamic_tuning import dense_block
+
+try:
+    from tokensel.kernels.pack import gather_rows, pack_tokens, scatter_rows
+except ImportError:  # an exported copy run with trust_remote_code where tokensel is not installed: torch path
+    from .pack import gather_rows, pack_tokens, scatter_rows
 
 SELECTIONS = ("threshold", "topk")
 SPA_MODES = ("train", "skip", "mask")
