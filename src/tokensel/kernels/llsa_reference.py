@@ -166,15 +166,13 @@ def pool_pyramid(x: Tensor, plan: LLSAPlan) -> list[Tensor]:
 # Hierarchical top-K selection (no gradient)
 # ----------------------------------------------------------------------------------------------------
 
-def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
-    """`x[b, h, idx[b, h, ...], :]` for `x [B, H, n, D]` and integer `idx [B, H, *S]` -> `[B, H, *S, D]`.
-
-    Row gather on the flattened tensor (index_select; its backward is one index_add), much cheaper on
-    CPU than `gather` with an index expanded over D.
-    """
-    b, h, n, d = x.shape
-    base = (torch.arange(b * h, device=x.device) * n).view(b, h, *([1] * (idx.dim() - 2)))
-    return x.reshape(b * h * n, d).index_select(0, (idx + base).reshape(-1)).view(*idx.shape, d)
+def _gather_blocks(bank: Tensor, blocks: Tensor, bs: int) -> Tensor:
+    """`bank [B, H, n, D]` (n a multiple of bs), block ids `[B, H, G, K]` -> rows `[B, H, G, K * bs, D]`."""
+    b, h, n, d = bank.shape
+    flat = bank.reshape(b * h * (n // bs), bs * d)
+    base = (torch.arange(b * h, device=bank.device) * (n // bs)).view(b, h, 1, 1)
+    out = flat.index_select(0, (blocks.clamp_min(0) + base).reshape(-1))
+    return out.view(b, h, blocks.shape[2], blocks.shape[3] * bs, d)
 
 
 def _mask_candidates(scores: Tensor, q_ids: Tensor, k_ids: Tensor, ok: Tensor, causal: bool) -> Tensor:
@@ -193,16 +191,36 @@ def _topk_ids(scores: Tensor, cand: Tensor, k: int) -> Tensor:
     return torch.where(val == NEG_INF, torch.full_like(ids, -1), ids)
 
 
+def selection_queries(pq: Tensor, plan: LLSAPlan) -> Tensor:
+    """The fp32 queries that score keys in the selection of one level, `[B, H, n_l, D]`.
+
+    Non-causal: the pooled queries themselves. Causal: level-`l` token `t` is scored with the pooled query
+    of token `t - 1` (which summarises fine positions `[(t-1) B^l, t B^l)`, all before the first query of
+    token `t`), and token 0 with zeros (it has nothing to choose: only its own, forced, diagonal block).
+    So the blocks chosen for a query depend on no query at or after the block's start.
+    """
+    q = pq.float()
+    if plan.causal:
+        q = torch.cat([torch.zeros_like(q[:, :, :1]), q[:, :, :-1]], dim=2)
+    return q
+
+
 @torch.no_grad()
 def select_blocks(pq: list[Tensor], pk: list[Tensor], plan: LLSAPlan) -> list[Tensor]:
     """Hierarchical top-K, coarse to fine. Returns `sels[l-1]`: `[B, H, N/B^l, K_l]` int64 key-token ids
     of level `l` kept by each level-`l` query token (-1 = nothing valid to keep).
 
-    Cost: dense `(N/B^L)^2` at the top, then `N/B^l x K_{l+1} B` scores per level: O(N) overall.
+    The queries are `selection_queries(pq[l-1])` (in causal mode shifted by one token, see there).
+    At a finer level the `B` children of one parent share their `K_{l+1} B` candidates, so the candidate
+    keys are gathered once per parent (`[B, H, N/B^{l+1}, K_{l+1} B, D]`) and the `B` child queries are
+    scored with one batched matmul.
+
+    Cost: dense `(N/B^L)^2` at the top, then `N/B^l x K_{l+1} B` scores per level: O(N) overall; the
+    largest transient is the level-1 candidate keys, `N/B^2 x K_2 B x D` values.
     """
     bs, top = plan.block, plan.levels
     sels: list[Tensor | None] = [None] * top
-    q, k = pq[top - 1].float(), pk[top - 1].float()
+    q, k = selection_queries(pq[top - 1], plan), pk[top - 1].float()
     n_top = plan.level_len(top)
     ids = torch.arange(n_top, device=q.device)
     ok = (level_counts(plan, top, q.device) > 0).expand(n_top, n_top)
@@ -210,17 +228,19 @@ def select_blocks(pq: list[Tensor], pk: list[Tensor], plan: LLSAPlan) -> list[Te
     cand = ids.expand(*scores.shape)
     sels[top - 1] = _topk_ids(scores, cand, plan.top_k[top - 1])
     for lvl in range(top - 1, 0, -1):
-        q, k = pq[lvl - 1].float(), pk[lvl - 1].float()
-        n_l = plan.level_len(lvl)
-        q_ids = torch.arange(n_l, device=q.device)
-        parent = sels[lvl][:, :, q_ids // bs]                               # [B, H, n_l, K_{l+1}]
-        cand = (parent.unsqueeze(-1) * bs + torch.arange(bs, device=q.device)).flatten(-2)
+        q, k = selection_queries(pq[lvl - 1], plan), pk[lvl - 1].float()
+        b, h, n_l, d = q.shape
+        parent = sels[lvl]                                                  # [B, H, n_l / B, K_{l+1}]
         ok = (parent >= 0).repeat_interleave(bs, dim=-1)
-        cand = torch.where(ok, cand, torch.zeros_like(cand))
-        ok = ok & (level_counts(plan, lvl, q.device)[cand] > 0)
-        scores = (_gather_rows(k, cand) @ q.unsqueeze(-1)).squeeze(-1)       # [B, H, n_l, K_{l+1} B]
-        scores = _mask_candidates(scores, q_ids[:, None], cand, ok, plan.causal)
-        sels[lvl - 1] = _topk_ids(scores, cand, plan.top_k[lvl - 1])
+        cand = (parent.clamp_min(0).unsqueeze(-1) * bs + torch.arange(bs, device=q.device)).flatten(-2)
+        ok = (ok & (level_counts(plan, lvl, q.device)[cand] > 0)).unsqueeze(-2)   # [B, H, n_l / B, 1, K B]
+        keys = _gather_blocks(k, parent, bs)                                # [B, H, n_l / B, K B, D]: per parent
+        scores = q.view(b, h, n_l // bs, bs, d) @ keys.transpose(-1, -2)    # [B, H, n_l / B, B, K B]
+        q_ids = torch.arange(n_l, device=q.device).view(n_l // bs, bs, 1)
+        cand = cand.unsqueeze(-2)
+        scores = _mask_candidates(scores, q_ids, cand, ok, plan.causal)
+        sel = _topk_ids(scores, cand.expand(*scores.shape), plan.top_k[lvl - 1])
+        sels[lvl - 1] = sel.view(b, h, n_l, -1)
     return sels  # type: ignore[return-value]
 
 
@@ -261,15 +281,6 @@ class _KeyGroup:
     values: Tensor
     bias: Tensor
     last: Tensor
-
-
-def _gather_blocks(bank: Tensor, blocks: Tensor, bs: int) -> Tensor:
-    """`bank [B, H, n, D]` (n a multiple of bs), block ids `[B, H, G, K]` -> rows `[B, H, G, K * bs, D]`."""
-    b, h, n, d = bank.shape
-    flat = bank.reshape(b * h * (n // bs), bs * d)
-    base = (torch.arange(b * h, device=bank.device) * (n // bs)).view(b, h, 1, 1)
-    out = flat.index_select(0, (blocks.clamp_min(0) + base).reshape(-1))
-    return out.view(b, h, blocks.shape[2], blocks.shape[3] * bs, d)
 
 
 def _fine_group(k: Tensor, v: Tensor, sel: Tensor, plan: LLSAPlan) -> _KeyGroup:
@@ -390,6 +401,6 @@ def llsa_reference(q: Tensor, k: Tensor, v: Tensor, levels: int = 2, block_size:
 
 __all__ = [
     "LLSAPlan", "make_plan", "validate_llsa_args", "normalize_top_k", "level_counts", "level_log_weights",
-    "pad_to_plan", "pool_pyramid", "select_blocks", "index_transpose", "llsa_core_reference", "llsa_prepare",
-    "llsa_reference",
+    "pad_to_plan", "pool_pyramid", "selection_queries", "select_blocks", "index_transpose",
+    "llsa_core_reference", "llsa_prepare", "llsa_reference",
 ]

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from tokensel.errors import ConfigError, TokenselError
+from tokensel.trainer.export import export_dtype
 
 log = logging.getLogger(__name__)
 CHECKPOINT_ROOT = "checkpoints"
@@ -177,7 +178,8 @@ class TokenselTrainer(Trainer):
         return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
 
     def export(self, model: LightningModule, datamodule: LightningDataModule | None = None,
-               ckpt_path: str | None = None, out: str = "exported", adapter_only: bool = False) -> str:
+               ckpt_path: str | None = None, out: str = "exported", adapter_only: bool = False,
+               dtype: str | None = None) -> str:
         """Write a Hugging Face folder from a checkpoint.
 
         Args:
@@ -186,24 +188,27 @@ class TokenselTrainer(Trainer):
                 are exported.
             out: destination folder (written to `out.tmp` and renamed, so a failed export leaves nothing).
             adapter_only: with LoRA, write a PEFT adapter folder instead of merged weights.
+            dtype: float32 | bfloat16 | float16: the dtype of the written weights (default: as trained).
         """
+        export_dtype(dtype)  # a bad value fails before the checkpoint is read
         if not hasattr(model, "export_hf"):
             raise ConfigError(f"{type(model).__name__} has no export_hf(); this model type cannot be exported")
         if ckpt_path is not None:
             path = resolve_ckpt_path(ckpt_path, self.default_root_dir)
             load_checkpoint_into(model, path)
         model.eval()
-        return write_export(model, out, adapter_only=adapter_only, datamodule=datamodule)
+        return write_export(model, out, adapter_only=adapter_only, datamodule=datamodule, dtype=dtype)
 
 
-def write_export(model: LightningModule, out: str, adapter_only: bool = False, datamodule=None) -> str:
+def write_export(model: LightningModule, out: str, adapter_only: bool = False, datamodule=None,
+                 dtype: str | None = None) -> str:
     """`model.export_hf` into `out.tmp`, then rename over `out`: a failed export leaves nothing behind."""
     out_path = Path(out)
     tmp = out_path.with_name(out_path.name + ".tmp")
     fs = get_filesystem(str(tmp))
     if fs.exists(str(tmp)):
         fs.rm(str(tmp), recursive=True)
-    model.export_hf(str(tmp), adapter_only=adapter_only, datamodule=datamodule)
+    model.export_hf(str(tmp), adapter_only=adapter_only, datamodule=datamodule, dtype=dtype)
     if out_path.exists():
         import shutil
 
@@ -220,10 +225,12 @@ class ExportOnFitEnd(Callback):
     Args:
         out: destination folder (written to `out.tmp` and renamed).
         adapter_only: with LoRA, a PEFT adapter folder instead of merged weights.
+        dtype: float32 | bfloat16 | float16 for the written weights (default: as trained).
     """
 
-    def __init__(self, out: str, adapter_only: bool = False) -> None:
-        self.out, self.adapter_only = out, adapter_only
+    def __init__(self, out: str, adapter_only: bool = False, dtype: str | None = None) -> None:
+        export_dtype(dtype)
+        self.out, self.adapter_only, self.dtype = out, adapter_only, dtype
 
     def on_fit_end(self, trainer, pl_module) -> None:
         from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -234,7 +241,8 @@ class ExportOnFitEnd(Callback):
         if trainer.is_global_zero and not trainer.interrupted:
             was_training = pl_module.training
             pl_module.eval()
-            write_export(pl_module, self.out, adapter_only=self.adapter_only, datamodule=trainer.datamodule)
+            write_export(pl_module, self.out, adapter_only=self.adapter_only, datamodule=trainer.datamodule,
+                         dtype=self.dtype)
             pl_module.train(was_training)
         trainer.strategy.barrier("export_on_fit_end")
 

@@ -55,6 +55,7 @@ from tokensel.modules.modeling_llsa_dit import (
     LLSADiTModel,
     PixelDiT,
 )
+from tokensel.trainer.export import save_hf
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -151,15 +152,17 @@ class FlowMatchingDiT(LightningModule):
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
         save_image_grid(images, folder / f"step_{self.global_step:07d}.png")
 
-    def export_hf(self, out_dir: str, adapter_only: bool = False, datamodule=None) -> None:
-        """Write `config.json` + `model.safetensors` loadable with `AutoModel.from_pretrained(out_dir)`."""
+    def export_hf(self, out_dir: str, adapter_only: bool = False, datamodule=None, dtype: str | None = None) -> None:
+        """Write `config.json` + `model.safetensors` + the model code (`auto_map`): the folder loads with
+        `AutoModel.from_pretrained(out_dir, trust_remote_code=True)` without tokensel (the PyTorch LLSA path),
+        or without `trust_remote_code` after `import tokensel` (Triton on CUDA)."""
         if adapter_only:
             raise ConfigError("--adapter_only: FlowMatchingDiT has no adapters; export without it")
         hp = self.hparams
         cfg = LLSADiTConfig(**{CONFIG_NAMES.get(k, k): hp[k] for k in NET_KEYS}, sample_steps=hp.sample_steps)
         model = LLSADiTModel(cfg)
         model.net.load_state_dict(self.net.state_dict())
-        model.save_pretrained(out_dir)
+        save_hf(model, out_dir, dtype, remote_code="llsa_dit")
 
 
 # ----------------------------------------------------------------------------------------------------

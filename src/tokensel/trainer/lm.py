@@ -30,6 +30,7 @@ from tokensel.modules.attention_probe import AttentionProbe
 from tokensel.modules.base import TokenSelector, TokenStats
 from tokensel.modules.basic import FullSelection
 from tokensel.offline import TINY_TOKENIZER, resolve_model, resolve_tokenizer
+from tokensel.trainer.export import save_hf
 from tokensel.trainer.report import SelectionReport
 from tokensel.trainer.strategies import call_in_module, gathered
 from tokensel.trainer.token_cache import TokenStatsCache
@@ -627,16 +628,19 @@ class SelectiveLM(LightningModule):
             checkpoint["ema_history"] = {"weights": {k: v.detach().cpu() for k, v in self._ema.items()},
                                          "step": self._ema_step}
 
-    def export_hf(self, out_dir: str, adapter_only: bool = False, datamodule=None) -> None:
+    def export_hf(self, out_dir: str, adapter_only: bool = False, datamodule=None, dtype: str | None = None) -> None:
         """Hugging Face folder: config, safetensors (sharded when large), generation config, tokenizer.
-        LoRA is merged unless `adapter_only` (then a PEFT adapter folder)."""
+        LoRA is merged unless `adapter_only` (then a PEFT adapter folder). `dtype` casts the written weights."""
         model = self.model
         if adapter_only:
             if self.lora is None:
                 raise ConfigError("--adapter_only needs a LoRA model (model.lora is null)")
+            if dtype is not None:
+                raise ConfigError("export --dtype with --adapter_only: a PEFT adapter keeps its trained dtype; "
+                                  "drop one of them")
             model.save_pretrained(out_dir)
         else:
             if self.lora is not None:
                 model = copy.deepcopy(model).merge_and_unload()
-            model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="2GB")
+            save_hf(model, out_dir, dtype, max_shard_size="2GB")
         self.tokenizer.save_pretrained(out_dir)

@@ -427,16 +427,15 @@ class ImageClassificationData(LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
-    def preprocessor_config(self) -> dict:
-        """What an HF image processor needs to reproduce `pixel_values` (written by export)."""
-        return preprocessor_config(self.image_size, self.mean, self.std)
+    def image_processor_kwargs(self) -> dict:
+        """`ViTImageProcessor` arguments that reproduce `pixel_values` (the export writes the processor)."""
+        return image_processor_kwargs(self.image_size, self.mean, self.std)
 
 
-def preprocessor_config(size: int, mean: list[float], std: list[float]) -> dict:
-    """`preprocessor_config.json` of a `ViTImageProcessor`: rescale 1/255, resize (bilinear), normalise."""
-    return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
-            "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(mean), "image_std": list(std)}
+def image_processor_kwargs(size: int, mean: list[float], std: list[float]) -> dict:
+    """`ViTImageProcessor` arguments: rescale 1/255, resize (bilinear) to `size`, normalise by mean / std."""
+    return {"do_resize": True, "size": {"height": size, "width": size}, "resample": 2, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean), "image_std": list(std)}
 
 
 __all__ = ["ImageClassificationData"]

@@ -15,7 +15,6 @@ Two layers:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -37,6 +36,8 @@ from tokensel.modules.modeling_vit import (
     spa_layer_ids,
 )
 from tokensel.modules.spa import patch_labels, selection_label_loss
+from tokensel.trainer.export import save_hf
+from tokensel.trainer.vision_data import image_processor_kwargs
 
 log = logging.getLogger(__name__)
 FINETUNE = ("full", "adapter", "head")
@@ -436,27 +437,30 @@ class ViTClassifier(LightningModule):
 
     # ---- export ----
 
-    def export_hf(self, out_dir: str, adapter_only: bool = False, datamodule=None) -> str:
-        """Write config.json + model.safetensors + preprocessor_config.json.
+    def export_hf(self, out_dir: str, adapter_only: bool = False, datamodule=None, dtype: str | None = None) -> str:
+        """Write config.json + model.safetensors + preprocessor_config.json (+ the model code).
 
         Dense models without adapters export as a stock `ViTForImageClassification`; everything else as
-        `TokenselViTForImageClassification` (model_type `tokensel_vit`, loads after `import tokensel`),
-        which runs the hard, compute-skipping path in eval.
+        `TokenselViTForImageClassification` (model_type `tokensel_vit`) with its code and an `auto_map`, so
+        `AutoModelForImageClassification.from_pretrained(DIR, trust_remote_code=True)` runs the hard,
+        compute-skipping path without tokensel. The image processor is transformers' `ViTImageProcessor`.
         """
-        from tokensel.trainer.vision_data import preprocessor_config
+        from transformers import ViTImageProcessor
 
         if adapter_only:
             raise ConfigError("export --adapter_only: ViT adapters are parallel modules with no PEFT adapter "
                               "format; export the full model (drop --adapter_only)")
         model = self.model.eval()
-        plain = self.method == "dense" and model.adapters is None
-        (to_plain_vit(model) if plain else model).save_pretrained(out_dir)
-        if datamodule is not None and hasattr(datamodule, "preprocessor_config"):
-            pp = datamodule.preprocessor_config()
+        if self.method == "dense" and model.adapters is None:
+            save_hf(to_plain_vit(model), out_dir, dtype)
+        else:
+            save_hf(model, out_dir, dtype, remote_code="vit")
+        if datamodule is not None and hasattr(datamodule, "image_processor_kwargs"):
+            kwargs = datamodule.image_processor_kwargs()
         else:
             c = model.config.num_channels
-            pp = preprocessor_config(model.config.image_size, [0.5] * c, [0.5] * c)
-        Path(out_dir, "preprocessor_config.json").write_text(json.dumps(pp, indent=2) + "\n")
+            kwargs = image_processor_kwargs(model.config.image_size, [0.5] * c, [0.5] * c)
+        ViTImageProcessor(**kwargs).save_pretrained(out_dir)
         return out_dir
 
 
