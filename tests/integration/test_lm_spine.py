@@ -47,6 +47,26 @@ def test_export_loads_in_plain_transformers_with_equal_logits(in_tmp, lora):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_export_dtype_bfloat16_through_the_cli(in_tmp):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    cli = _fit("random.yaml", "--trainer.max_steps", "1", "--model.init_args.lora", "null")
+    want = {k: v.detach().clone() for k, v in cli.model.model.state_dict().items()}
+    cli_main(["export", "--config", str(ROOT / "recipes" / "random.yaml"), "--config", str(TINY),
+              "--model.init_args.lora", "null", "--ckpt_path", "last", "--out", str(in_tmp / "bf16"),
+              "--dtype", "bfloat16"])
+    with safe_open(str(in_tmp / "bf16" / "model.safetensors"), "pt") as f:
+        written = {k: f.get_tensor(k) for k in f.keys()}
+    assert written and all(v.dtype == torch.bfloat16 for v in written.values() if v.is_floating_point())
+    for key, value in written.items():
+        assert torch.equal(value, want[key].to(torch.bfloat16)), key
+    model = AutoModelForCausalLM.from_pretrained(str(in_tmp / "bf16"))
+    assert model.dtype == torch.bfloat16
+    tied = model.config.tie_word_embeddings
+    assert (model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()) == bool(tied)
+
+
 def test_adapter_only_export_is_a_peft_folder(in_tmp):
     _fit("sft.yaml", "--trainer.max_steps", "1")
     cli_main(["export", "--config", str(ROOT / "recipes" / "sft.yaml"), "--config", str(TINY),

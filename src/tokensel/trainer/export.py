@@ -3,8 +3,8 @@
 `save_hf(model, out_dir, dtype, remote_code)` is what every `export_hf` calls:
 
 * `dtype` ("float32" | "bfloat16" | "float16", `trainer export --dtype`): floating-point weights are
-  cast on the way to disk (tied weights stay tied); the live model is not touched, and `config.dtype`
-  in the folder says what was written.
+  cast on the way to disk (tied weights stay tied); the live model is not touched, and `dtype` in the
+  folder's config.json says what was written.
 * `remote_code` (a key of `REMOTE_CODE`): the listed source files are copied flat into the folder and
   `config.json` gets an `auto_map`, the layout transformers' `register_for_auto_class` produces. Then
   `AutoModel*.from_pretrained(DIR, trust_remote_code=True)` runs the pruned model with only torch and
@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -75,7 +76,6 @@ def save_hf(model, out_dir: str | Path, dtype: str | None = None, remote_code: s
         config.auto_map = dict(auto_map)
     if torch_dtype is not None:
         save_kwargs["state_dict"] = cast_state_dict(model, torch_dtype)
-        config.dtype = torch_dtype
     try:
         model.save_pretrained(str(out_dir), **save_kwargs)
     finally:  # the live model keeps its own config
@@ -84,6 +84,11 @@ def save_hf(model, out_dir: str | Path, dtype: str | None = None, remote_code: s
                 setattr(config, key, saved[key])
             elif hasattr(config, key):
                 delattr(config, key)
+    if torch_dtype is not None:  # save_pretrained records the live model's dtype; record the written one
+        path = Path(out_dir) / "config.json"
+        written = json.loads(path.read_text())
+        written["dtype"] = dtype
+        path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     if remote_code is not None:
         for rel in files:
             shutil.copyfile(PACKAGE / rel, Path(out_dir) / Path(rel).name)
