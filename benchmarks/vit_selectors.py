@@ -19,13 +19,13 @@ stand-in transferred poorly to them under a frozen backbone (a linear probe on i
 
 Every model is trained with its shipped recipe through the CLI (`trainer fit`, the same number of steps
 for all, overrides listed in the output), exported with `trainer export`, and measured as the exported
-folder loaded by `AutoModelForImageClassification.from_pretrained` (the hard, compute-skipping path). SPA
-uses `spa_selection: topk` here so its keep rate is set like Dynamic Tuning's (the recipe's default is the
-paper's threshold), once as the recipe trains it (ink selection labels, adapters on the frozen backbone)
-and once without labels with every weight trained (`--no-spa-label-free` drops these rows); the dense full
-fine-tune is that variant's like-for-like reference. Dynamic Tuning trains with `calibrate_keep` and each
-model is measured twice: as exported, and with its dispatcher offsets zeroed (the paper's fixed threshold,
-the same weights). Throughput: batch `--batch` of test images, `torch.inference_mode`, fp32, `--threads`
+folder loaded by `AutoModelForImageClassification.from_pretrained` (the hard, compute-skipping path). The
+papers' rules come first, unchanged: Dynamic Tuning r = 0.5 with the fixed threshold (`dyt.yaml`) and SPA
+as published (`spa.yaml`). Then the variants, each its own training run: Dynamic Tuning at other rates and
+with the calibrated inference rule (`dyt_calibrated.yaml`), SPA without selection labels with every
+weight trained (`spa_label_free.yaml`; the dense full fine-tune is its like-for-like reference), and SPA
+with labels and top-k selection at each keep rate (`--no-spa-topk` drops them).
+Throughput: batch `--batch` of test images, `torch.inference_mode`, fp32, `--threads`
 intra-op threads; models are timed round-robin (`--rounds` rounds of `--iters` batches each) so load from
 other processes on a shared machine hits every model alike; we report the median. FLOPs are multiply-adds
 counted from the measured selections: what each block computes, including SPA's padding slots and its
@@ -36,7 +36,6 @@ benchmarks/results/vit_selectors.md with the date, CPU, versions and the exact c
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import logging
 import os
@@ -70,6 +69,14 @@ TASK_TEXT = {
 
 
 # ---------------------------------------------------------------- train + export through the CLI -----
+
+
+def recipe_keep_rate(recipe: str) -> float | None:
+    """`model.init_args.keep_rate` of a shipped recipe (the target its rows are compared at)."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "recipes" / f"{recipe}.yaml").read_text())
+    return cfg["model"]["init_args"].get("keep_rate")
 
 
 def cli(args: list[str]) -> None:
@@ -276,8 +283,7 @@ def write_report(rows: list[dict], args, meta: dict) -> str:
         f"- training: every model {args.steps} steps x 64 images from its recipe (adapter rows: backbone frozen, "
         "adapters d=16, AdamW 1e-3; full rows: every weight, AdamW 3e-4; 10 warmup steps + cosine), data overrides "
         f"`{meta['data_overrides'] or 'none'}`; exported with `trainer export`, loaded with "
-        "AutoModelForImageClassification; a \"paper threshold\" row is the calibrated model above it with its "
-        "dispatcher offsets set to 0 (the same weights, the paper's keep rule)",
+        "AutoModelForImageClassification; every row is its own training run",
         f"- run time: {meta['wall_s'] / 60:.1f} min wall, {meta['cpu_s'] / 60:.1f} min CPU (user+sys, all threads)",
         f"- throughput: batch {args.batch}, fp32, median of {args.rounds} round-robin rounds x {args.iters} batches",
         "", "| model | recipe overrides | keep target | keep measured | test acc % | Δ acc vs dense adapter | "
@@ -328,7 +334,9 @@ def main() -> None:
     p.add_argument("--spa-finetune", choices=["recipe", "adapter", "full"], default="recipe",
                    help="what SPA trains: the spa recipe's choice, adapters on a frozen backbone, or every weight")
     p.add_argument("--spa-label-free", action=argparse.BooleanOptionalAction, default=True,
-                   help="also SPA without selection labels (label_weight 0), every weight trained")
+                   help="also recipes/spa_label_free.yaml (top-k, no selection labels, every weight trained)")
+    p.add_argument("--spa-topk", action=argparse.BooleanOptionalAction, default=True,
+                   help="also SPA with selection labels and top-k selection at each keep rate")
     p.add_argument("--reuse", action="store_true",
                    help="measure the models already exported in --workdir again instead of training them")
     p.add_argument("--full-ft", action=argparse.BooleanOptionalAction, default=True,
@@ -368,24 +376,32 @@ def main() -> None:
     plan = [("dense adapter", "vit_adapter", "vit_adapter", [], None)]
     dyt_extra = [] if args.dyt_paper_losses else ["--model.init_args.complete_model_loss", "false",
                                                   "--model.init_args.distill_weight", "0"]
-    for r in args.keep_rates:  # calibration changes no weight: each model is also timed with the paper's rule
-        plan.append((f"Dynamic Tuning r={r}, calibrated", "dyt", f"dyt_r{r}",
-                     ["--model.init_args.keep_rate", str(r), "--model.init_args.calibrate_keep", "true",
-                      *dyt_extra], r))
+    # The papers' rules first, as the shipped recipes run them: Dynamic Tuning r = 0.5 with the fixed
+    # threshold (dyt.yaml) and SPA as published (spa.yaml, unchanged).
+    plan.append(("Dynamic Tuning r=0.5 (paper rule, dyt.yaml)", "dyt", "dyt_r0.5",
+                 ["--model.init_args.keep_rate", "0.5", *dyt_extra], 0.5))
+    plan.append(("SPA as published (spa.yaml)", "spa", "spa_paper", [], recipe_keep_rate("spa")))
+    # Then the variants.
+    for r in args.keep_rates:
+        if r != 0.5:
+            plan.append((f"Dynamic Tuning r={r} (paper rule)", "dyt", f"dyt_r{r}",
+                         ["--model.init_args.keep_rate", str(r), *dyt_extra], r))
+        plan.append((f"Dynamic Tuning r={r}, calibrated (dyt_calibrated.yaml)", "dyt_calibrated", f"dyt_cal_r{r}",
+                     ["--model.init_args.keep_rate", str(r), *dyt_extra], r))
     if args.full_ft:
         plan.append(("dense full fine-tune", "vit_full_ft", "vit_full_ft", [], None))
+    if args.spa_label_free:  # the task loss alone trains the gate, every weight trains (the best SPA variant here)
+        for r in args.keep_rates:
+            plan.append((f"SPA top-k {r}, no selection labels, full FT (spa_label_free.yaml)", "spa_label_free",
+                         f"spa_free_k{r}", ["--model.init_args.keep_rate", str(r)], r))
     spa_ft = [] if args.spa_finetune == "recipe" else ["--model.init_args.finetune", args.spa_finetune]
     if args.spa_finetune == "full":  # the full fine-tune recipe's lr: all weights move
         spa_ft += ["--optimizer.init_args.lr", "0.0003"]
-    for r in args.keep_rates:
-        plan.append((f"SPA top-k {r}", "spa", f"spa_k{r}", ["--model.init_args.keep_rate", str(r),
-                                                             "--model.init_args.spa_selection", "topk", *spa_ft], r))
-    if args.spa_label_free:  # the task loss alone trains the gate (through the soft gate), every weight trains
+    if args.spa_topk:
         for r in args.keep_rates:
-            plan.append((f"SPA top-k {r}, no selection labels, full FT", "spa", f"spa_free_k{r}",
-                         ["--model.init_args.keep_rate", str(r), "--model.init_args.spa_selection", "topk",
-                          "--model.init_args.label_weight", "0", "--model.init_args.finetune", "full",
-                          "--optimizer.init_args.lr", "0.0003"], r))
+            plan.append((f"SPA top-k {r}, selection labels", "spa", f"spa_k{r}",
+                         ["--model.init_args.keep_rate", str(r), "--model.init_args.spa_selection", "topk", *spa_ft],
+                         r))
     if args.spa_late:
         depth = ViTForImageClassification.config_class.from_pretrained(str(cache)).num_hidden_layers
         late = list(range(depth // 2, depth))
@@ -412,12 +428,6 @@ def main() -> None:
     for r in list(rows):
         models[r["name"]] = AutoModelForImageClassification.from_pretrained(str(exports / r["run"])).eval()
         r.update(evaluate(models[r["name"]], loader))
-        if r["run"].startswith("dyt"):  # same weights, the paper's inference rule: logit > 0 (offsets 0)
-            name = r["name"].replace("calibrated", "paper threshold")
-            models[name] = copy.deepcopy(models[r["name"]])
-            for d in models[name].dispatchers:
-                d.offset.zero_()
-            rows.insert(rows.index(r), {**r, "name": name, **evaluate(models[name], loader)})
     stock = ViTForImageClassification.from_pretrained(str(cache)).eval()
     models["stock HF ViT, no adapter (reference)"] = stock
     x = next(iter(data._loader(test, False, args.batch)))["pixel_values"]
