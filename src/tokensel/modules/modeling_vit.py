@@ -50,11 +50,12 @@ class TokenselViTConfig(ViTConfig):
     dispatcher_calibrate: bool = False     # track the offset matching inference keep to training keep
     spa_layers: list[int] | None = None    # None: layers depth // 3 .. depth - 1
     spa_selection: str = "threshold"       # threshold | topk
-    spa_keep_rate: float | int = 0.5
-    spa_threshold: float | int = 0.5
+    spa_keep_rate: float | int = 0.5      # topk: kept fraction (threshold: the rate loss's target, in training)
+    spa_threshold: float | int = 0.9      # threshold: keep sigmoid(score) > it; gate bias starts at its logit
     spa_tau: float | int = 1.0
-    spa_fuse_previous: bool = True
-    spa_soft_gate: bool = True
+    spa_fuse_previous: bool = True        # max-fuse with the previous gate's own logits where the token grid
+                                          # changes (paper: across stages); never fires in a plain ViT
+    spa_soft_gate: bool = True            # selected tokens enter the block scaled by sigmoid(score)
     spa_row_len: int | None = None         # None: T (threshold) or whole images without padding (topk)
     inference_mode: str = "skip"           # eval path: skip (real skipping) | mask (masked dense reference)
     kernels: str | None = None             # SPA pack/unpack back-end: auto | triton | torch
@@ -63,7 +64,7 @@ class TokenselViTConfig(ViTConfig):
 @dataclass
 class TokenselImageClassifierOutput(ImageClassifierOutput):
     """`ImageClassifierOutput` plus, per selective layer: keep masks `[B, T]` (straight-through in training),
-    selector logits `[B, N]` (dispatcher logits / SPA gate scores) and packed rows (SPA)."""
+    selector logits `[B, N]` (dispatcher logits / each SPA gate's own, unfused logits) and packed rows (SPA)."""
 
     keep_masks: tuple[Tensor, ...] | None = None
     selector_logits: tuple[Tensor, ...] | None = None
@@ -150,7 +151,7 @@ class TokenselViTForImageClassification(ViTPreTrainedModel):
                     raise ValueError("mode='complete' is a Dynamic Tuning mode; SPA has no complete-model pass")
                 x, m, lg, r = spa_block(layer, x, self.gates[str(i)], adapter, prev, mode, row_len,
                                         cfg.spa_soft_gate, cfg.kernels)
-                prev = lg
+                prev = lg  # this gate's own (unfused) logits: the next gate fuses them only across a grid change
             else:
                 x = dense_block(layer, x, adapter)
                 continue

@@ -35,7 +35,7 @@ from tokensel.modules.modeling_vit import (
     TokenselViTForImageClassification,
     spa_layer_ids,
 )
-from tokensel.modules.spa import patch_labels, selection_label_loss
+from tokensel.modules.spa import keep_rate_loss, patch_labels, selection_label_loss
 from tokensel.trainer.export import save_hf
 from tokensel.trainer.vision_data import image_processor_kwargs
 
@@ -201,8 +201,9 @@ class ViTClassifier(LightningModule):
             train), "head" (head and selectors only).
         adapter_bottleneck / adapter_scale / adapter_dropout / adapter_experts: parallel adapter in every
             block (0 = none); experts > 1 gives the MoE adapter.
-        keep_rate: Dynamic Tuning's target activation rate r; SPA's top-k keep fraction.
-        rate_weight: weight of `(mean keep - r)^2` (paper code: 2.0).
+        keep_rate: Dynamic Tuning's target activation rate r; SPA's top-k keep fraction, and in threshold
+            mode without labels the target of SPA's rate loss.
+        rate_weight: Dynamic Tuning's weight of `(mean keep - r)^2` (paper code: 2.0).
         tau / tau_end: Gumbel-sigmoid temperature of the dispatchers, annealed exponentially to `tau_end`
             over training when set (paper code: 5, constant).
         threshold: dispatcher keep threshold (0.5).
@@ -213,8 +214,16 @@ class ViTClassifier(LightningModule):
         distill_weight: weight of KL(complete || dynamic) (paper: 1; 0 disables).
         spa_layers: SPA block indices (None: the deeper two thirds).
         spa_selection / spa_threshold / spa_tau / spa_fuse_previous / spa_soft_gate / spa_row_len: see
-            `tokensel.modules.spa`.
-        label_weight: alpha of the selection-label BCE (SPA; needs `mask` in batches).
+            `tokensel.modules.spa`. `spa_threshold` (threshold mode) keeps `sigmoid(score) > it` and is the
+            soft-gate scale of a token at init (the gate bias starts at its logit). `spa_fuse_previous`
+            max-fuses a gate's logits with the previous gate's own logits only where the token grid changes
+            (the paper's stage-to-stage fusion): a plain ViT never changes it, so there every gate selects
+            on its own logits.
+        label_weight: alpha of the selection-label BCE on each SPA gate's own logits (needs `mask` in
+            batches; 0 = no labels).
+        spa_rate_weight: SPA without labels (`label_weight: 0`): weight of `(mean keep - keep_rate)^2` over
+            batch, SPA blocks and patch tokens (Dynamic Tuning's rate loss; not in the SPA paper, whose
+            sparsity comes from the labels). Unused when labels are on; identically 0 under top-k.
         kernels: SPA's pack/unpack back-end (auto | triton | torch); Dynamic Tuning uses torch index ops.
         pictures: sample images drawn at each validation end (0 = none).
         save_backbone_to: after fit, write the model as a plain ViT folder here (`cache:<name>` allowed):
@@ -233,12 +242,13 @@ class ViTClassifier(LightningModule):
                  tau_end: float | None = None, threshold: float = 0.5, calibrate_keep: bool = False,
                  complete_model_loss: bool = True,
                  distill_weight: float = 1.0, spa_layers: list[int] | None = None, spa_selection: str = "threshold",
-                 spa_threshold: float = 0.5, spa_tau: float = 1.0, spa_fuse_previous: bool = True,
+                 spa_threshold: float = 0.9, spa_tau: float = 1.0, spa_fuse_previous: bool = True,
                  spa_soft_gate: bool = True, spa_row_len: int | None = None, label_weight: float = 0.01,
+                 spa_rate_weight: float = 2.0,
                  kernels: str | None = None, pictures: int = 8, save_backbone_to: str | None = None,
                  pretrain_if_missing: bool = True, lr_warmup_steps: int = 0, lr_schedule: str = "constant") -> None:
         super().__init__()
-        self._validate(method, finetune, keep_rate, spa_selection, adapter_experts, lr_schedule)
+        self._validate(method, finetune, keep_rate, spa_selection, adapter_experts, lr_schedule, spa_threshold)
         self.save_hyperparameters()
         base, state = load_backbone(backbone, vit_config, pretrain_if_missing, quiet=finetune == "full")
         cfg = TokenselViTConfig(
@@ -256,7 +266,7 @@ class ViTClassifier(LightningModule):
         self._picture_batch: tuple[Tensor, list[Tensor], list[int]] | None = None
 
     @staticmethod
-    def _validate(method, finetune, keep_rate, spa_selection, experts, lr_schedule) -> None:
+    def _validate(method, finetune, keep_rate, spa_selection, experts, lr_schedule, spa_threshold=0.9) -> None:
         if method not in METHODS:
             raise ConfigError(f"model.init_args.method={method!r} is not one of {METHODS}")
         if finetune not in FINETUNE:
@@ -265,6 +275,9 @@ class ViTClassifier(LightningModule):
             raise ConfigError(f"model.init_args.keep_rate={keep_rate} must lie in (0, 1]")
         if spa_selection not in ("threshold", "topk"):
             raise ConfigError(f"model.init_args.spa_selection={spa_selection!r} must be 'threshold' or 'topk'")
+        if not 0.0 < spa_threshold < 1.0:
+            raise ConfigError(f"model.init_args.spa_threshold={spa_threshold} must lie in (0, 1) (keep when "
+                              "sigmoid(score) exceeds it)")
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"model.init_args.lr_schedule={lr_schedule!r} must be 'constant' or 'cosine'")
         if method == "spa" and experts > 1:
@@ -354,9 +367,16 @@ class ViTClassifier(LightningModule):
         return extra
 
     def _spa_losses(self, batch: dict, out, logs: dict) -> Tensor:
+        """Labels on: alpha * BCE of each gate's own logits against the patch labels (the paper). Labels off:
+        the keep-rate loss toward `keep_rate` (`spa_rate_weight`), the only sparsity pull threshold mode has."""
+        hp = self.hparams
         logs["train/keep_rate"] = torch.stack([m[:, 1:].detach().float().mean() for m in out.keep_masks]).mean()
-        if self.hparams.label_weight <= 0:
-            return out.logits.new_zeros(())
+        if hp.label_weight <= 0:
+            if hp.spa_rate_weight <= 0:
+                return out.logits.new_zeros(())
+            loss = keep_rate_loss(list(out.keep_masks), hp.keep_rate, hp.spa_rate_weight)
+            logs["train/rate_loss"] = loss
+            return loss
         if "mask" not in batch:
             raise ConfigError("model.init_args.label_weight > 0 needs selection masks in batches; set "
                               "data.init_args.mask_source (ink / column / boxes) or label_weight: 0")
