@@ -1,8 +1,12 @@
 """Dynamic Tuning: Gumbel-sigmoid straight-through, dispatcher gradients, hard skipping == masked
-computation, the MLP really runs on kept tokens only, adapters, and the rate loss reaching its target."""
+computation, the MLP really runs on kept tokens only, adapters, the rate loss reaching its target, the eval
+block against an independent oracle built from the HF layer's weights, and the tau anneal."""
+
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import ViTForImageClassification
 
 from tokensel.modules.dynamic_tuning import (
@@ -254,3 +258,83 @@ def test_folders_and_checkpoints_without_the_keep_offset_load_with_offset_zero(t
     ckpt = {"state_dict": state}
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"], strict=True)
+
+
+# ---------------------------------------------------------------- independent oracle -------------------
+# The paper's block, rebuilt from the Hugging Face ViTLayer's weights with plain tensor ops (none of
+# dynamic_tuning.py's helpers): h = x + Attn(LN1(x)); out = h + Adapter(h) + 1[logit > 0] * MLP(LN2(h)),
+# the dispatcher reading h[:, 1:] (after attention), CLS always kept.
+
+
+def _oracle_attention(att, z):
+    b, t, c = z.shape
+    heads = att.num_attention_heads
+    d = c // heads
+
+    def split(lin):
+        return (z @ lin.weight.T + lin.bias).view(b, t, heads, d).transpose(1, 2)  # [B, H, T, d]
+
+    q, k, v = split(att.q_proj), split(att.k_proj), split(att.v_proj)
+    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    o = (p @ v).transpose(1, 2).reshape(b, t, c)
+    return o @ att.o_proj.weight.T + att.o_proj.bias
+
+
+def _oracle_block(lyr, dispatcher, adapter, x):
+    ln1, ln2 = lyr.layernorm_before, lyr.layernorm_after
+    h = x + _oracle_attention(lyr.attention, F.layer_norm(x, ln1.normalized_shape, ln1.weight, ln1.bias, ln1.eps))
+    z = F.layer_norm(h, ln2.normalized_shape, ln2.weight, ln2.bias, ln2.eps)
+    mlp = F.gelu(z @ lyr.mlp.fc1.weight.T + lyr.mlp.fc1.bias) @ lyr.mlp.fc2.weight.T + lyr.mlp.fc2.bias
+    logit = (h[:, 1:] @ dispatcher.proj.weight.T + dispatcher.proj.bias).squeeze(-1)  # post-attention, no CLS
+    keep = torch.cat([torch.ones(x.shape[0], 1), (logit > 0).float()], 1)  # CLS always kept
+    ad = adapter.scale * (F.relu(h @ adapter.down.weight.T + adapter.down.bias) @ adapter.up.weight.T
+                          + adapter.up.bias)  # on h itself (un-normalised), every token; dropout off in eval
+    return h + ad + keep[..., None] * mlp, keep, logit
+
+
+@pytest.mark.parametrize("mode", ["skip", "mask"])
+def test_eval_block_equals_the_paper_formula_rebuilt_from_the_hf_layer(mode):
+    model = tiny_model().eval()
+    assert model.config.hidden_act == "gelu"
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        out = model(x, mode=mode)
+        h = model.vit.embeddings(x)
+        for i, lyr in enumerate(model.vit.layers):
+            h, keep, logit = _oracle_block(lyr, model.dispatchers[i], model.adapters[i], h)
+            assert torch.equal(out.keep_masks[i], keep), i
+            torch.testing.assert_close(out.selector_logits[i], logit, atol=1e-5, rtol=1e-5)
+            assert 0.1 < keep[:, 1:].mean() < 0.9  # a non-trivial selection, so the MLP gating is exercised
+        ref = model.classifier(F.layer_norm(h, model.vit.layernorm.normalized_shape, model.vit.layernorm.weight,
+                                            model.vit.layernorm.bias, model.vit.layernorm.eps)[:, 0])
+    torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_single_block_equals_the_oracle_and_differs_from_wrong_placements():
+    model = tiny_model().eval()
+    lyr, disp, ad = model.vit.layers[0], model.dispatchers[0], model.adapters[0]
+    x = torch.randn(3, 17, 32)
+    with torch.no_grad():
+        want, keep, _ = _oracle_block(lyr, disp, ad, x)
+        got, m, _ = dynamic_tuning_block(lyr, x, disp, ad, mode="skip")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(m, keep)
+        # the oracle is sharp: the adapter on LN2(h) instead of h would not match
+        h = x + _oracle_attention(lyr.attention, lyr.layernorm_before(x))
+        moved = want - ad(h) + ad(lyr.layernorm_after(h))
+        assert (moved - got).abs().max() > 1e-3
+
+
+def test_tau_anneals_exponentially_to_tau_end():
+    from types import SimpleNamespace
+
+    from tokensel.trainer.vit import ViTClassifier
+
+    module = ViTClassifier(method="dynamic_tuning", backbone=None, num_labels=5, finetune="full", pictures=0,
+                           adapter_bottleneck=4, tau=5.0, tau_end=0.1,
+                           vit_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=64, image_size=28, patch_size=7, num_channels=1))
+    for step, want in [(0, 5.0), (5, 5.0 * 0.02 ** 0.5), (10, 0.1), (20, 0.1)]:  # tau * (end / tau)^(step / total)
+        module.trainer = SimpleNamespace(estimated_stepping_batches=10, global_step=step)
+        module._anneal_tau()
+        assert all(d.tau == pytest.approx(want, rel=1e-9) for d in module.model.dispatchers), step
