@@ -55,6 +55,36 @@ def test_triton_matches_reference_fwd_bwd(n, levels, block, top_k, causal, enric
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+CAUSAL_CASES = [  # (n, levels, block, top_k, head_dim): tiny fp32 shapes for the interpreter
+    pytest.param(37, 1, 4, 2, 8, id="L1-n37"),
+    pytest.param(61, 2, 4, [2, 2], 8, id="L2-n61"),
+    pytest.param(100, 3, 4, [2, 1, 2], 4, id="L3-n100"),
+    pytest.param(256, 2, 8, [2, 2], 4, id="L2-n256"),
+    pytest.param(100, 1, 16, 2, 16, id="L1-n100-block16-tldot"),
+]
+
+
+@pytest.mark.parametrize("n,levels,block,top_k,d", CAUSAL_CASES)
+def test_triton_causal_output_is_exactly_independent_of_later_tokens(n, levels, block, top_k, d):
+    """Through the Triton forward: perturbing token j (q, k and v) leaves outputs i < j bit-for-bit equal."""
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, 1, n, d, generator=g).to(DEVICE) for _ in range(3))
+    plan = make_plan(n, levels, block, top_k, causal=True)
+
+    def forward(q, k, v):
+        qp, kp, vp, pks, pvs, sels = llsa_prepare(q, k, v, plan)
+        return llsa_core_triton(qp, kp, vp, pks, pvs, sels, plan, d ** -0.5)[:, :, :n]
+
+    out = forward(q, k, v)
+    for j in sorted({*range(1, n, n // 8), n - 1}):
+        q2, k2, v2 = (t.clone() for t in (q, k, v))
+        for t in (q2, k2, v2):
+            t[:, :, j] = 5 * torch.randn(d, generator=g).to(DEVICE)
+        out_j = forward(q2, k2, v2)
+        assert torch.equal(out_j[:, :, :j], out[:, :, :j]), f"an output before {j} read token {j}"
+        assert not torch.equal(out_j[:, :, j], out[:, :, j])
+
+
 def test_functional_backend_switch(monkeypatch):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 1, 23, 8, generator=g).to(DEVICE) for _ in range(3))

@@ -1,5 +1,6 @@
-"""LLSA reference (pure PyTorch): exactness against dense attention, gradients (float64 gradcheck),
-selection invariants, padding, index transpose, and the attention module."""
+"""LLSA reference (pure PyTorch): exactness against dense attention, an independent brute-force oracle at
+partial top-K, causality (no output reads a later token), gradients (float64 gradcheck), selection
+invariants, padding, index transpose, and the attention module."""
 
 import math
 
@@ -17,6 +18,7 @@ from tokensel.kernels.llsa_reference import (
     make_plan,
     pad_to_plan,
     pool_pyramid,
+    select_blocks,
 )
 from tokensel.modules.llsa import DenseAttention, LLSAttention
 
@@ -172,3 +174,148 @@ def test_bad_config_raises_config_error(kwargs, key):
     args = dict(dim=32, num_heads=4, levels=2, block_size=4, top_k=8) | kwargs
     with pytest.raises(ConfigError, match=key):
         LLSAttention(**args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Independent brute-force oracle (written from the algorithm, not from llsa_reference's helpers)
+# ----------------------------------------------------------------------------------------------------
+
+def _block_mean(x, level, t, block, n):
+    """Mean over the real fine tokens of level-`level` block `t` of `x [n, D]` (None if it has none)."""
+    size = block ** level
+    lo, hi = t * size, min((t + 1) * size, n)
+    return x[lo:hi].mean(0) if hi > lo else None
+
+
+def brute_selection(q, k, levels, block, top_k, causal):
+    """Hierarchical top-K of one head (`q, k [n, D]`), by explicit loops and sorting.
+
+    Returns {(level, t): sorted kept key-block ids}. Level-`l` query token `t` scores level-`l` key
+    blocks with its pooled query (causal: the pooled query of token `t - 1`, and its own block `t` is kept
+    first); at the coarsest level every real block is a candidate, below only the children of the blocks
+    its parent kept; causal mode drops candidates after `t`.
+    """
+    n = q.shape[0]
+    sel = {}
+    for lvl in range(levels, 0, -1):
+        n_real = math.ceil(n / block ** lvl)
+        for t in range(n_real):
+            if lvl == levels:
+                cands = list(range(n_real))
+            else:
+                cands = [c * block + r for c in sel[(lvl + 1, t // block)] for r in range(block)]
+            cands = [j for j in cands if j < n_real and (not causal or j <= t)]
+            if causal:
+                query = _block_mean(q, lvl, t - 1, block, n) if t > 0 else None
+                forced, cands = [t], [j for j in cands if j != t]
+            else:
+                query, forced = _block_mean(q, lvl, t, block, n), []
+            scored = sorted(cands, key=lambda j: -float(query @ _block_mean(k, lvl, j, block, n)))
+            sel[(lvl, t)] = sorted((forced + scored)[: top_k[lvl - 1]])
+    return sel
+
+
+def brute_llsa(q, k, v, levels, block, top_k, causal):
+    """LLSA of one head by brute force: the selection above, then for every query an explicit key list
+    (fine keys of its kept level-1 blocks; the level-l means under the blocks its level-(l+1) ancestor kept;
+    every coarsest-level mean), each mean with logit bias log(its real token count), then a dense softmax."""
+    n, d = q.shape
+    sel = brute_selection(q, k, levels, block, top_k, causal)
+    out = torch.empty_like(q)
+    for i in range(n):
+        keys, vals, bias = [], [], []
+        for blk in sel[(1, i // block)]:
+            for j in range(blk * block, min((blk + 1) * block, n)):
+                if not causal or j <= i:
+                    keys.append(k[j]), vals.append(v[j]), bias.append(0.0)
+        pooled = [(lvl, t) for lvl in range(1, levels) for pb in sel[(lvl + 1, i // block ** (lvl + 1))]
+                  for t in range(pb * block, (pb + 1) * block)]
+        pooled += [(levels, t) for t in range(math.ceil(n / block ** levels))]
+        for lvl, t in pooled:
+            size = block ** lvl
+            count = min(size, n - t * size)
+            if count <= 0 or (causal and (t + 1) * size - 1 > i):
+                continue
+            keys.append(_block_mean(k, lvl, t, block, n)), vals.append(_block_mean(v, lvl, t, block, n))
+            bias.append(math.log(count))
+        s = torch.stack(keys) @ q[i] * d ** -0.5 + torch.tensor(bias, dtype=q.dtype)
+        out[i] = torch.softmax(s, 0) @ torch.stack(vals)
+    return out
+
+
+ORACLE_CASES = [  # (n, levels, block, top_k per level, causal): partial top-K everywhere, mostly ragged
+    (64, 2, 4, [2, 2], False), (61, 2, 4, [3, 2], False), (61, 2, 4, [3, 2], True), (70, 3, 2, [2, 2, 2], False),
+    (45, 3, 2, [2, 1, 2], True), (37, 1, 4, [3], False), (37, 1, 4, [2], True), (100, 3, 2, [3, 2, 3], True),
+]
+
+
+@pytest.mark.parametrize("n,levels,block,top_k,causal", ORACLE_CASES)
+def test_partial_topk_matches_brute_force_oracle(n, levels, block, top_k, causal):
+    q, k, v = rand_qkv(n, d=4, seed=n + levels)
+    plan = make_plan(n, levels, block, top_k, causal)
+    assert all(plan.top_k[lvl] < plan.level_len(lvl + 1) for lvl in range(levels)), "top-K must be partial"
+    out = llsa_reference(q, k, v, levels, block, top_k, causal=causal)
+    for h in range(q.shape[1]):
+        ref = brute_llsa(q[0, h], k[0, h], v[0, h], levels, block, top_k, causal)
+        torch.testing.assert_close(out[0, h], ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,levels,block,top_k,causal", ORACLE_CASES + [
+    (300, 3, 4, [3, 2, 2], False), (300, 3, 4, [3, 2, 2], True), (256, 2, 16, [3, 2], False)])
+def test_selection_is_argmax_k_of_pooled_scores(n, levels, block, top_k, causal):
+    """Every level's kept blocks are exactly the top-K (not e.g. bottom-K) of the pooled scores among
+    its candidates; checked against the loops above, and on partial top-K so the choice matters."""
+    q, k, v = rand_qkv(n, d=8, b=2, seed=7 * n + levels)
+    plan = make_plan(n, levels, block, top_k, causal)
+    *_, sels = llsa_prepare(q, k, v, plan)
+    for b in range(2):
+        for h in range(q.shape[1]):
+            want = brute_selection(q[b, h], k[b, h], levels, block, top_k, causal)
+            for (lvl, t), ids in want.items():
+                got = sorted(i for i in sels[lvl - 1][b, h, t].tolist() if i >= 0)
+                assert got == ids, f"level {lvl} token {t}: kept {got}, argmax-K is {ids}"
+
+
+def test_selection_reverses_under_negated_queries():
+    """A pure argmax test without the oracle: negating the queries turns top-K into bottom-K, so at the
+    coarsest level (all candidates) the two selections are disjoint when 2K <= number of blocks."""
+    q, k, v = rand_qkv(256, seed=3)
+    plan = make_plan(256, levels=2, block_size=4, top_k=[2, 3])
+    pq, pk = pool_pyramid(q, plan), pool_pyramid(k, plan)
+    top = select_blocks(pq, pk, plan)[-1]
+    bottom = select_blocks([-p for p in pq], pk, plan)[-1]
+    scores = pq[-1] @ pk[-1].transpose(-1, -2)
+    assert (scores.gather(-1, top).min(-1).values > scores.gather(-1, bottom).max(-1).values).all()
+
+
+CAUSAL_CASES = [  # (n, levels, block, top_k): lengths that are and are not powers of two
+    (37, 1, 4, [2]), (61, 2, 4, [2, 2]), (100, 3, 2, [2, 2, 2]), (256, 2, 4, [2, 2]), (256, 3, 4, [2, 1, 2]),
+    (61, 3, 2, [3, 1, 2]),
+]
+
+
+def perturbed_positions(n):
+    """Every position for short sequences, a spread including both ends for longer ones."""
+    return range(n) if n <= 64 else sorted(set(range(0, n, 7)) | {1, n - 2, n - 1})
+
+
+def perturb_token(tensors, j, seed):
+    """Copies of q, k, v with token j replaced by large random values in all three."""
+    g = torch.Generator().manual_seed(seed)
+    out = [t.clone() for t in tensors]
+    for t in out:
+        t[:, :, j] = 5 * torch.randn(t[:, :, j].shape, generator=g, dtype=t.dtype)
+    return out
+
+
+@pytest.mark.parametrize("n,levels,block,top_k", CAUSAL_CASES)
+def test_causal_output_is_exactly_independent_of_later_tokens(n, levels, block, top_k):
+    """Perturbing token j (its q, k and v) leaves every output i < j bit-for-bit unchanged: neither the
+    keys read nor the block selection (pooled queries of a block reach ahead) may see the future."""
+    qkv = rand_qkv(n, d=8, seed=n)
+    kw = dict(levels=levels, block_size=block, top_k=top_k, causal=True)
+    out = llsa_reference(*qkv, **kw)
+    for j in perturbed_positions(n):
+        out_j = llsa_reference(*perturb_token(qkv, j, seed=j), **kw)
+        assert torch.equal(out_j[:, :, :j], out[:, :, :j]), f"an output before {j} read token {j}"
+        assert not torch.equal(out_j[:, :, j], out[:, :, j])  # the perturbation does reach token j itself

@@ -26,10 +26,18 @@ Two points where we deviate from, or go beyond, the paper and its code (document
   part to run at all). Here any `N` works: the sequence is zero-padded to a multiple of `B^L`, padded
   keys are masked, a pooled token is the mean over its *real* tokens only, and its reweighting uses
   its real token count (`B^l` for a full block, fewer at the ragged end, `-inf` for an empty one).
-* Causal mode (the paper is non-causal only). A query at position `i` sees a fine key `j <= i` and a
-  pooled key only if its whole block lies at or before `i` (so no future token leaks through a mean);
-  selection masks future blocks and always keeps the diagonal block at every level, so each query
-  keeps at least itself.
+* Causal mode (the paper is non-causal only). No output `i` depends on any token after `i` (tested
+  exactly: perturbing token `j` leaves outputs `i < j` bit-for-bit equal). Keys: a query at `i` sees a
+  fine key `j <= i`, and a pooled key only if its whole block lies at or before `i`, so no later token
+  leaks through a mean. Selection (still one choice per query block at each level, so the sparse-index
+  contract is unchanged): the pooled query of a block averages positions after most of its queries, so
+  level-`l` token `t` is scored with the pooled query of the *previous* level-`l` token `t - 1`
+  (positions `[(t-1) B^l, t B^l)`, all before every query of `t`); token 0 has no such query and keeps
+  only itself. Candidates after `t` are masked, and the diagonal block `t` is always kept (its own
+  pooled key, which reaches ahead, is never scored), so each query keeps at least itself. Candidate keys
+  `j < t` are whole blocks before `t`. The parent choice a level inherits was made the same way one
+  level up, from positions before the parent block. So what a query block reads is fixed by tokens
+  before the block.
 
 The paper states the enrichment set as "coarse tokens of length O(K log N) found in the selection
 stage"; we follow the released code's reading of it (the candidate set scored at each level, `K B`

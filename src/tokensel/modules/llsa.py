@@ -11,7 +11,9 @@ projection) whose attention is hierarchical top-K sparse attention with KV enric
 
 The selection adds no parameters, so `DenseAttention` (same parameters, full SDPA) and
 `LLSAttention` load each other's weights: train dense and switch, or compare at equal steps.
-Non-causal by default (the paper's setting); `causal=True` masks the future at every level. Any
+Non-causal by default (the paper's setting); with `causal=True` no output reads a later token, neither
+through the keys (a pooled key only once its whole block is past) nor through the block selection (a
+block is chosen with the pooled query of the block before it; see `tokensel.kernels.llsa_reference`). Any
 sequence length works (padding is masked, see `tokensel.kernels.llsa_reference`). The kernel
 back-end follows `kernels=` / `TOKENSEL_KERNELS` (Triton on CUDA, PyTorch elsewhere).
 """
