@@ -228,6 +228,9 @@ def keep_rate_loss(masks: list[Tensor], target: float = 0.5, weight: float = 2.0
     `masks` are the blocks' straight-through keep masks `[B, T]` (CLS first, dropped here): the forward
     value is the measured keep rate, the gradient reaches the gates. Dynamic Tuning's activation-rate loss,
     used for threshold selection without labels (not in the SPA paper); under top-k it is identically 0.
+    It sets the *training* keep rate, whose expectation is `mean sigmoid(s - logit(threshold))`; the hard
+    inference rule `s > logit(threshold)` can keep less when the logits bunch just below the cut (a gates-only
+    run on random inputs: 0.2 in training, 0.04 at inference), the mismatch Dynamic Tuning's `calibrate` fixes.
     """
     if not masks:
         return torch.zeros(())
