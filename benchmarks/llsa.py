@@ -1,4 +1,4 @@
-"""LLSA attention vs dense SDPA: forward and forward+backward time against sequence length, one run.
+"""LLSA attention vs dense SDPA: time and peak extra memory against sequence length, one run.
 
     python benchmarks/llsa.py                                   # CPU: reference path, N = 1k ... 64k
     python benchmarks/llsa.py --device cuda --dtype bfloat16    # GPU: Triton kernels vs SDPA (flash)
@@ -6,19 +6,30 @@
 Question: does LLSA's cost grow log-linearly (about 2x per doubling of N, plus a slowly growing
 enrichment term) while dense attention grows 4x? Levels follow the paper's rule L = floor(log_B N) - 1
 (clamped to 1..3), so the coarsest level keeps between B and B^2 pooled tokens. Both providers time the
-whole op from q, k, v (LLSA includes pooling and the hierarchical top-K selection). Writes a Markdown
-table with the machine, versions and the exact command to benchmarks/results/llsa.md (or --out).
+whole op from q, k, v (LLSA includes pooling and the hierarchical top-K selection).
+
+Second question: is LLSA's peak extra memory (beyond its inputs) at most linear in N, and below one
+dense level-1 score matrix, (N/B)^2 fp32 values? On CUDA it is `torch.cuda.max_memory_allocated` minus
+the allocation before the call. On CPU each point runs once in a fresh child process: the peak resident
+set (VmHWM, reset through /proc/self/clear_refs just before the call) minus the resident set before it,
+with glibc's mmap threshold pinned at 64 KiB so that freed buffers go back to the OS and a later buffer
+cannot hide in memory an earlier one left resident; a call at a small N first initialises the libraries.
+Writes Markdown tables with the machine, versions and the exact command to benchmarks/results/llsa.md
+(or --out).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import json
 import math
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from tokensel.kernels.llsa import llsa_attention
-from tokensel.kernels.llsa_reference import make_plan
+from tokensel.kernels.llsa_reference import llsa_prepare, make_plan
 from tokensel.machine import cpu_model
 
 
@@ -95,6 +106,89 @@ def bench_provider(name: str, n: int, args, backward: bool = True) -> tuple[floa
     return t_fwd, time_call(fwd_bwd, args.device, args.min_time, args.reps) if backward else None
 
 
+MODES = ("fwd", "fwd_bwd", "select")  # select: LLSA's pooling + hierarchical top-K only
+
+
+def make_op(name: str, n: int, args, mode: str):
+    """A zero-argument callable running one provider at length n in `mode`, with its inputs built."""
+    levels = auto_levels(n, args.block)
+    grad = mode == "fwd_bwd"
+    q, k, v = make_inputs(n, args, grad=grad)
+    do = torch.randn_like(q) if grad else None
+
+    def attn():
+        if name == "dense":
+            return F.scaled_dot_product_attention(q, k, v)
+        if mode == "select":
+            return llsa_prepare(q, k, v, make_plan(n, levels, args.block, args.top_k))
+        return llsa_attention(q, k, v, levels=levels, block_size=args.block, top_k=args.top_k, backend=args.backend)
+
+    def op():
+        if grad:
+            attn().backward(do)
+        else:
+            with torch.no_grad():
+                attn()
+
+    return op
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(spec: str) -> None:
+    """Child-process side of `peak_extra_cpu`: print the peak extra bytes of one call as JSON."""
+    cfg = json.loads(spec)
+    args = argparse.Namespace(**cfg["args"])
+    torch.set_num_threads(cfg["threads"])
+    small = max(256, args.block ** auto_levels(cfg["n"], args.block))
+    make_op(cfg["name"], small, args, cfg["mode"])()       # initialise libraries and thread pools
+    op = make_op(cfg["name"], cfg["n"], args, cfg["mode"])
+    gc.collect()
+    before = _proc_status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:           # reset the high-water mark (VmHWM) to now
+        f.write("5")
+    op()
+    print(json.dumps({"peak_extra": _proc_status_bytes("VmHWM") - before}))
+
+
+def peak_extra_cpu(name: str, n: int, args, mode: str) -> int:
+    """Peak resident bytes one call adds, measured in a fresh child process (see the module docstring)."""
+    cfg = dict(name=name, n=n, mode=mode, threads=torch.get_num_threads(),
+               args={k: getattr(args, k) for k in ("batch", "heads", "head_dim", "block", "top_k", "device",
+                                                   "dtype", "backend")})
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_ARENA_MAX="1")
+    res = subprocess.run([sys.executable, __file__, "--memory-child", json.dumps(cfg)], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_extra"]
+
+
+def peak_extra_cuda(name: str, n: int, args, mode: str) -> int:
+    """`torch.cuda.max_memory_allocated` during one call minus what was allocated before it."""
+    op = make_op(name, n, args, mode)
+    op()  # warm-up (autotune, workspace)
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    op()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def peak_extra(name: str, n: int, args, mode: str) -> int:
+    return (peak_extra_cuda if args.device == "cuda" else peak_extra_cpu)(name, n, args, mode)
+
+
+def fmt_mib(x: int | None) -> str:
+    return f"{x / 2 ** 20:,.1f}" if x is not None else "–"
+
+
 def growth(times: list[float | None]) -> list[str]:
     """Ratio of each time to the previous one (per doubling of N)."""
     out = ["–"]
@@ -126,14 +220,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", default=None, help="LLSA backend: auto (default) | triton | torch")
     p.add_argument("--max-dense-n", type=int, default=65536, help="skip dense forward above this N")
     p.add_argument("--max-dense-bwd-n", type=int, default=16384,
-                   help="skip dense fwd+bwd above this N (CPU SDPA backward materialises N^2 scores: 16 GiB at 64k)")
+                   help="skip dense fwd+bwd above this N (time: about 4x per doubling)")
     p.add_argument("--reps", type=int, default=5, help="max timed repetitions per point")
     p.add_argument("--min-time", type=float, default=1.0, help="stop repeating once this many seconds are timed")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "llsa.md"))
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
 
     rows = []
     for n in args.ns:
@@ -141,11 +240,46 @@ def main(argv: list[str] | None = None) -> None:
         llsa = bench_provider("llsa", n, args)
         dense = (bench_provider("dense", n, args, backward=n <= args.max_dense_bwd_n)
                  if n <= args.max_dense_n else (None, None))
-        rows.append(dict(n=n, levels=levels, keys=keys_per_query(n, levels, args.block, args.top_k),
-                         llsa_f=llsa[0], llsa_fb=llsa[1], dense_f=dense[0], dense_fb=dense[1]))
-        print(f"N={n:6d} L={levels} keys/q={rows[-1]['keys']:4d}  llsa fwd {fmt_ms(llsa[0])} ms, fwd+bwd "
+        row = dict(n=n, levels=levels, keys=keys_per_query(n, levels, args.block, args.top_k),
+                   llsa_f=llsa[0], llsa_fb=llsa[1], dense_f=dense[0], dense_fb=dense[1])
+        print(f"N={n:6d} L={levels} keys/q={row['keys']:4d}  llsa fwd {fmt_ms(llsa[0])} ms, fwd+bwd "
               f"{fmt_ms(llsa[1])} ms | dense fwd {fmt_ms(dense[0])} ms, fwd+bwd {fmt_ms(dense[1])} ms", flush=True)
+        if not args.no_memory:
+            for mode in MODES:
+                row[f"mem_llsa_{mode}"] = peak_extra("llsa", n, args, mode)
+            row["mem_dense_fwd"] = peak_extra("dense", n, args, "fwd") if n <= args.max_dense_n else None
+            row["mem_dense_fwd_bwd"] = peak_extra("dense", n, args, "fwd_bwd") if n <= args.max_dense_bwd_n else None
+            print(f"         peak extra MiB: llsa fwd {fmt_mib(row['mem_llsa_fwd'])}, fwd+bwd "
+                  f"{fmt_mib(row['mem_llsa_fwd_bwd'])}, selection {fmt_mib(row['mem_llsa_select'])} | dense fwd "
+                  f"{fmt_mib(row['mem_dense_fwd'])}, fwd+bwd {fmt_mib(row['mem_dense_fwd_bwd'])}", flush=True)
+        rows.append(row)
     write_report(rows, args, argv)
+
+
+def memory_table(rows: list[dict], args) -> list[str]:
+    """Peak extra memory per point, beside one dense level-1 score matrix ((N/B)^2 fp32) and per token."""
+    how = ("torch.cuda.max_memory_allocated minus the allocation before the call" if args.device == "cuda" else
+           "peak RSS (VmHWM, reset just before the call) minus RSS before it, one fresh child process per point, "
+           "glibc mmap threshold 64 KiB")
+    per = args.batch * args.heads
+    lines = [
+        "",
+        f"Peak extra memory, MiB ({how}). Inputs are not counted; fwd+bwd includes the gradients of q, k, v. "
+        f"'(N/B)^2 fp32' is one dense level-1 score matrix per (batch, head), times {per} (batch x heads); "
+        "the '/(N/B)^2' columns divide by it; 'B/token' is LLSA fwd+bwd bytes per token.",
+        "",
+        "| N | dense fwd | dense fwd+bwd | LLSA selection | LLSA fwd | LLSA fwd+bwd | (N/B)^2 fp32 | "
+        "LLSA selection /(N/B)^2 | LLSA fwd+bwd /(N/B)^2 | LLSA fwd+bwd B/token |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        dense_l1 = (r["n"] / args.block) ** 2 * 4 * per
+        lines.append(f"| {r['n']:,} | {fmt_mib(r['mem_dense_fwd'])} | {fmt_mib(r['mem_dense_fwd_bwd'])} | "
+                     f"{fmt_mib(r['mem_llsa_select'])} | {fmt_mib(r['mem_llsa_fwd'])} | "
+                     f"{fmt_mib(r['mem_llsa_fwd_bwd'])} | {fmt_mib(int(dense_l1))} | "
+                     f"{r['mem_llsa_select'] / dense_l1:.2f} | {r['mem_llsa_fwd_bwd'] / dense_l1:.2f} | "
+                     f"{r['mem_llsa_fwd_bwd'] / r['n']:,.0f} |")
+    return lines
 
 
 def write_report(rows: list[dict], args, argv: list[str] | None) -> None:
@@ -164,6 +298,8 @@ def write_report(rows: list[dict], args, argv: list[str] | None) -> None:
                      f"{g['llsa_f'][i]} · {g['llsa_fb'][i]} | {speed} |")
     lines.append(f"| geometric mean | | | | | | | {geo_growth(col['dense_f'])} · {geo_growth(col['dense_fb'])} | "
                  f"{geo_growth(col['llsa_f'])} · {geo_growth(col['llsa_fb'])} | |")
+    if "mem_llsa_fwd" in rows[0]:
+        lines += memory_table(rows, args)
     try:
         import triton
         triton_v = triton.__version__
@@ -173,7 +309,7 @@ def write_report(rows: list[dict], args, argv: list[str] | None) -> None:
     cmd = "python " + " ".join(shlex.quote(a) for a in ([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
     backend = "triton" if (args.backend or "auto") != "torch" and args.device == "cuda" else "torch reference"
     head = [
-        "# LLSA vs dense attention: time against sequence length",
+        "# LLSA vs dense attention: time and peak memory against sequence length",
         "",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         f"- device: {device}; {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
