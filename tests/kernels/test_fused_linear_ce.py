@@ -254,6 +254,128 @@ def test_bad_inputs_have_clear_errors():
         fused_linear_cross_entropy(x, w, t, block_v=100)
 
 
+# ------------------------------------------------------------- grid order, vocabulary slicing, fallbacks
+
+# (num_splits, vocab_chunk, group_m, chunk_size) at V=1001 with 128-wide tiles (8 vocab blocks, the last one
+# 105 columns wide): vocab_chunk 384 leaves a partial last slice, 1000 rounds up to one 1024-wide slice, 128 is
+# one block per slice; chunk_size 8 makes several row chunks (dW then accumulates across them)
+SLICING = [(1, None, 8, None), (2, 384, 1, None), (5, 128, 3, None), (8, 1000, 2, 8), (3, 256, 8, 8)]
+
+
+@pytest.mark.parametrize("splits,vocab_chunk,group_m,chunk_size", SLICING,
+                         ids=[f"s{a}-vc{b}-g{c}-r{d}" for a, b, c, d in SLICING])
+def test_splits_slices_and_groups_match_reference(splits, vocab_chunk, group_m, chunk_size):
+    """Forward split counts and backward vocabulary slices / swizzle groups / row chunks change no result:
+    bias, softcap, ignored targets and soft per-token weights with zeros, at shapes off every tile edge."""
+    x, w, t, b, g = make_case(45, 40, 1001, torch.float32, bias=True, ignore_every=6, keep=0.6, soft=True, seed=11)
+    opts = dict(SMALL, num_splits=splits, vocab_chunk=vocab_chunk, group_m=group_m, chunk_size=chunk_size)
+    ours = run(fused_linear_cross_entropy, x, w, t, b, g, softcap=9.0, **opts)
+    assert_matches(ours, *ground_truth(x, w, t, b, g, softcap=9.0), torch.float32)
+    k = int(((g != 0) & (t != -100)).sum())
+    assert FusedLinearCrossEntropyFunction.last_backward_rows == k
+    if chunk_size is None:  # the slices tile the vocabulary exactly: as many programs as one [k, V] pass
+        assert FusedLinearCrossEntropyFunction.last_backward_programs == math.ceil(k / 16) * math.ceil(1001 / 128)
+
+
+def test_swizzle_group_and_grid_order_are_bit_exact():
+    """The dlogits swizzle only reorders programs: gradients are bit-identical across group sizes."""
+    x, w, t, b, g = make_case(50, 32, 700, torch.float32, bias=True, keep=0.7, soft=True, seed=4)
+    outs = [run(fused_linear_cross_entropy, x, w, t, b, g, **SMALL, vocab_chunk=256, group_m=gm)
+            for gm in (1, 2, 3, 64)]
+    for o in outs[1:]:
+        for key in ("loss", "entropy", "lse", "dx", "dw", "db"):
+            assert torch.equal(o[key], outs[0][key]), key
+
+
+def test_fp16_slices_and_row_chunks():
+    """fp16: the pre-scaled dlogits, the sliced dW GEMMs (written in fp16) and the fp32 dX accumulator."""
+    x, w, t, b, g = make_case(37, 48, 1001, torch.float16, bias=True, ignore_every=5, keep=0.7, soft=True)
+    ours = run(fused_linear_cross_entropy, x, w, t, b, g, **SMALL, vocab_chunk=384, chunk_size=16, num_splits=4)
+    assert_matches(ours, *ground_truth(x, w, t, b, g), torch.float16)
+
+
+def test_default_splits_keep_x_in_l2():
+    """On a GPU the forward uses >= 16 vocabulary splits (programs in flight: all splits of a few row blocks),
+    enough programs for two waves, and never more splits than vocabulary blocks."""
+    assert flce._default_splits(128, 1002, 132) == flce.MIN_SPLITS  # N=16k, V=128k, H100/H200
+    assert flce._default_splits(8, 1002, 132) == 33  # small N: fill the GPU twice
+    assert flce._default_splits(128, 5, 132) == 5
+    assert flce._num_splits(128, 1002, torch.device("cpu"), None) == 1
+    assert flce._num_splits(128, 1002, torch.device("cpu"), 4000) == 1002
+
+
+def test_entropy_is_accurate_at_large_logits():
+    """Entropy from sum e (z - m): no cancellation against |z| (logits offset by a bias of ~60 here), checked
+    against a float64 ground truth."""
+    x, w, t, b, _ = make_case(40, 32, 1001, torch.float32, bias=True, seed=9)
+    b = b + 60.0
+    with torch.no_grad():
+        _, ent, _ = fused_linear_cross_entropy(x, w, t, b, **SMALL, num_splits=3)
+        z = x.double() @ w.double().t() + b.double()
+        logp = torch.log_softmax(z, -1)
+        gt = -(logp.exp() * logp).sum(-1)
+    err = (ent.double() - gt).abs().max().item()
+    assert err < 5e-6, err  # 2.0e-6 in the interpreter; the unshifted sum e*z gave 1.1e-5 here
+
+
+@pytest.fixture
+def fresh_mm_mode(monkeypatch):
+    """An empty probe cache, restored afterwards (other tests keep the real probe's answer)."""
+    monkeypatch.setattr(flce, "_MM_MODE", {})
+    return monkeypatch
+
+
+def _fake_fp32_out(monkeypatch, addmm_ok: bool, mm_ok: bool):
+    """torch.addmm / torch.mm whose `out_dtype=` form works (emulated in fp32) or raises, as on some builds."""
+    real_addmm, real_mm = torch.addmm, torch.mm
+
+    def addmm(acc, a, b, *args, out_dtype=None, out=None, **kw):
+        if out_dtype is None:
+            return real_addmm(acc, a, b, *args, **kw, **({} if out is None else dict(out=out)))
+        if not addmm_ok:
+            raise RuntimeError("self and mat2 must have the same dtype")
+        return out.copy_(acc + a.float() @ b.float())
+
+    def mm(a, b, *args, out_dtype=None, **kw):
+        if out_dtype is None:
+            return real_mm(a, b, *args, **kw)
+        if not mm_ok:
+            raise RuntimeError("mm: out_dtype not supported")
+        return a.float() @ b.float()
+
+    monkeypatch.setattr(torch, "addmm", addmm)
+    monkeypatch.setattr(torch, "mm", mm)
+
+
+@pytest.mark.parametrize("addmm_ok,mm_ok,mode", [(True, False, "addmm"), (False, True, "mm"), (False, False, "lowp")])
+def test_fp32_output_matmul_fallback_warns_once(fresh_mm_mode, caplog, addmm_ok, mm_ok, mode):
+    """The dX accumulation probes `addmm(out_dtype=float32)` once; when it is missing it logs one warning,
+    takes a fast path (never fp32 copies of the operands) and the gradients stay right."""
+    _fake_fp32_out(fresh_mm_mode, addmm_ok, mm_ok)
+    x, w, t, b, g = make_case(29, 32, 1001, torch.float16, bias=True, keep=0.7, soft=True, seed=2)
+    gt, same = ground_truth(x, w, t, b, g)
+    with caplog.at_level("WARNING", logger=flce.__name__):
+        for _ in range(2):
+            ours = run(fused_linear_cross_entropy, x, w, t, b, g, **SMALL, vocab_chunk=384)
+            assert_matches(ours, gt, same, torch.float16)
+    assert flce._MM_MODE == {(torch.device(DEVICE).type, torch.float16): mode}
+    warnings = [r for r in caplog.records if "out_dtype=float32" in r.getMessage()]
+    assert len(warnings) == (0 if mode == "addmm" else 1), [r.getMessage() for r in warnings]
+
+
+def test_tile_table_and_overrides():
+    """The tuned-tile table (unmeasured: today's default everywhere), `tiles=` by name, and single overrides."""
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        assert flce._table_tiles(dt, 4096) in flce.TILE_CANDIDATES
+    assert flce._table_tiles(torch.bfloat16, 4096) == "128x128x64_w8_s3"
+    cfg = flce._config(torch.bfloat16, dict(tiles="128x256x64_w8_s3", num_stages=4), 4096)
+    assert (cfg["block_m"], cfg["block_v"], cfg["num_stages"]) == (128, 256, 4)
+    with pytest.raises(ValueError, match="known"):
+        flce._config(torch.bfloat16, dict(tiles="256x256"))
+    with pytest.raises(ValueError, match="group_m"):
+        flce._config(torch.bfloat16, dict(group_m=0))
+
+
 # --------------------------------------------------------------------------------------------- GPU only
 
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
