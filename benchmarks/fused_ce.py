@@ -52,10 +52,13 @@ def torch_reference(x, w, t):
     return reference.linear_cross_entropy(x, w, t)[0]
 
 
+OURS_OPTIONS: dict = {}  # --ours-options: tiles / tile keys / num_splits / group_m / chunk_size / vocab_chunk
+
+
 def ours(x, w, t):
     from tokensel.kernels.fused_linear_ce import fused_linear_cross_entropy
 
-    return fused_linear_cross_entropy(x, w, t)[0]
+    return fused_linear_cross_entropy(x, w, t, **OURS_OPTIONS)[0]
 
 
 def liger(x, w, t):
@@ -278,6 +281,11 @@ def versions() -> str:
     return ", ".join(out)
 
 
+def parse_option(s: str) -> tuple[str, int | str]:
+    key, _, value = s.partition("=")
+    return key, int(value) if value.lstrip("-").isdigit() else value
+
+
 def parse_shape(s: str) -> tuple[int, int, int]:
     n, h, v = (int(p) for p in s.split(","))
     return n, h, v
@@ -294,7 +302,11 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 with --cpu)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--ours-options", type=parse_option, nargs="+", default=[], metavar="KEY=VALUE",
+                   help="options for ours, e.g. tiles=128x256x64_w8_s3 (fused_linear_ce.TILE_CANDIDATES) or "
+                        "block_v=256 num_stages=4 vocab_chunk=16384: how the tile table is chosen")
     args = p.parse_args(argv)
+    OURS_OPTIONS.update(dict(args.ours_options))
     if not args.cpu and not torch.cuda.is_available():
         p.error("no CUDA device: run with --cpu (torch paths only)")
     args.shapes = args.shapes or (CPU_SHAPES if args.cpu else GPU_SHAPES)
