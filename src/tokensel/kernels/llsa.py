@@ -19,11 +19,19 @@ Kernels (one program per `block_size` queries or keys, fp32 accumulation):
   itself, so pooled-key gradients carry the block weight at every level (the official L1 kernel
   drops it; `tests/kernels/test_llsa_kernel.py` checks every level against the reference).
 
+GPU notes: the loops over selected blocks are branch-free (an empty `-1` slot loads block 0 under a false
+mask and scores `-inf`), so the gathered K/V loads can be software-pipelined at every level; fp32 `tl.dot`
+is exact (`"ieee"`) unless `torch.backends.cuda.matmul.allow_tf32` is set, as in the fused CE; the grid
+folds (tile, batch x head) into axis 0, so no `B * H` hits CUDA's 65,535 cap on axes 1-2; launches run
+under `torch.cuda.device(q.device)`.
+
 Triton is optional: this module imports without it. The kernels are decorated with `triton.jit` on
 first use, so `TRITON_INTERPRET=1` (the CPU interpreter) can be set any time before the first launch.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
@@ -71,6 +79,9 @@ def llsa_core(q, k, v, pks, pvs, sels, plan: LLSAPlan, scale: float, backend: st
 
 def llsa_core_triton(q, k, v, pks, pvs, sels, plan: LLSAPlan, scale: float) -> Tensor:
     """Triton core: padded `q, k, v [B, H, N_pad, D]`, pooled lists, selection lists -> `o [B, H, N_pad, D]`."""
+    if not q.dtype == k.dtype == v.dtype:  # tl.dot needs both operands in one dtype; fail here, not in the compiler
+        raise TypeError(f"llsa_attention: q, k, v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}; "
+                        "cast them first (e.g. k.to(q.dtype))")
     pooled = list(pks) + list(pvs) if plan.enrich else []
     return _LLSAFunction.apply(q, k, v, plan, scale, tuple(sels), *pooled)
 
@@ -79,12 +90,39 @@ def llsa_core_triton(q, k, v, pks, pvs, sels, plan: LLSAPlan, scale: float) -> T
 # autograd.Function and host wrappers
 # ----------------------------------------------------------------------------------------------------
 
+MAX_GRID_X = 2 ** 31 - 1   # CUDA's limit on grid axis 0
+MAX_GRID_YZ = 65535        # ... and on axes 1 and 2
+DPKV_ROWS_PER_SPLIT = 16   # fine query blocks per program and listed entry in the pooled dK/dV kernel
+
+
+def _grid(n_tiles: int, n_bh: int, n_split: int = 1) -> tuple[int, int]:
+    """Launch grid `(n_tiles * n_bh, n_split)`: the tile index and batch x heads are folded into axis 0
+    (tiles fastest, so one head's programs run together and share its keys in L2), which CUDA allows up
+    to 2^31 - 1, so no `B * H` or sequence length hits the 65,535 cap of axes 1 and 2. Kernels decode
+    `tile = pid % n_tiles`, `bh = pid // n_tiles`; axis 1 carries the (few) partial-sum splits."""
+    if n_tiles * n_bh > MAX_GRID_X or n_split > MAX_GRID_YZ:
+        raise ValueError(f"llsa: {n_tiles} tiles x {n_bh} (batch x heads) x {n_split} splits exceed CUDA's grid "
+                         f"limits ({MAX_GRID_X}, {MAX_GRID_YZ}); split the batch into smaller calls")
+    return (n_tiles * n_bh, n_split)
+
+
+def _on_device(t: Tensor):
+    """Triton launches on the *current* CUDA device: make it the tensors' device for the launches."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _rows(x: Tensor) -> Tensor:
     """`[B, H, n, D]` -> contiguous `[B*H, n, D]`."""
     return x.reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
 
 
-def _meta(plan: LLSAPlan, d: int) -> dict:
+def _precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: exact fp32 ("ieee") unless torch allows TF32 matmuls, as
+    `fused_linear_ce._dot_flags` does; for fp16 / bf16 operands the value is ignored."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _meta(plan: LLSAPlan, d: int, dtype: torch.dtype) -> dict:
     """Compile-time constants shared by every kernel."""
     import triton
 
@@ -93,7 +131,15 @@ def _meta(plan: LLSAPlan, d: int) -> dict:
     use_dot = plan.block >= 16 and block_d >= 16
     return dict(D=d, BLOCK_D=block_d, BS=plan.block, LEVELS=plan.levels, K1=ks[0], K2=ks[1], K3=ks[2],
                 POW1=plan.block, POW2=plan.block ** 2, POW_TOP=plan.block ** plan.levels,
-                CAUSAL=plan.causal, ENRICH=plan.enrich, USE_DOT=use_dot)
+                CAUSAL=plan.causal, ENRICH=plan.enrich, USE_DOT=use_dot, PRECISION=_precision(dtype))
+
+
+def _dpkv_splits(pow_: int) -> tuple[int, int]:
+    """(fine query blocks per split, splits) of the level-l pooled dK/dV kernel, whose listed entries each
+    stand for `pow_ = B^l` fine query blocks: split that loop over grid axis 1 (fp32 partials) once it is
+    longer than `DPKV_ROWS_PER_SPLIT` (level 2 at B = 16: 256 blocks per entry -> 16 splits)."""
+    chunk = max(1, min(pow_, DPKV_ROWS_PER_SPLIT))
+    return chunk, -(-pow_ // chunk)
 
 
 def _level_args(q: Tensor, pks, pvs, sels, plan: LLSAPlan):
@@ -147,26 +193,32 @@ def _forward(q, k, v, pks, pvs, sels, plan: LLSAPlan, scale: float):
     o = torch.empty_like(qr)
     lse = torch.empty(qr.shape[:2], device=q.device, dtype=torch.float32)
     a = _level_args(q, pks, pvs, sels, plan)
-    meta = _meta(plan, d)
+    meta = _meta(plan, d, q.dtype)
     bt = max(16 if meta["USE_DOT"] else plan.block, min(64, triton.next_power_of_2(plan.level_len(plan.levels))))
-    grid = (plan.n_blocks, b * h)
-    kern["fwd"][grid](
-        qr, kr, vr, *a["enr"][0], *a["enr"][1], *a["top"], *a["sel"], o, lse,
-        plan.n, n_pad, plan.level_len(2) if plan.levels >= 2 else 1, plan.level_len(3) if plan.levels >= 3 else 1,
-        plan.level_len(plan.levels), scale, BT=bt, **meta)
+    with _on_device(q):
+        kern["fwd"][_grid(plan.n_blocks, b * h)](
+            qr, kr, vr, *a["enr"][0], *a["enr"][1], *a["top"], *a["sel"], o, lse,
+            plan.n, n_pad, plan.level_len(2) if plan.levels >= 2 else 1,
+            plan.level_len(3) if plan.levels >= 3 else 1, plan.level_len(plan.levels), scale, BT=bt, **meta)
     return o.view(b, h, n_pad, d), lse
 
 
 def _backward(do, q, k, v, o, lse, pks, pvs, sels, plan: LLSAPlan, scale: float):
     """Launch the backward kernels; returns dq, dk, dv (`[B, H, N_pad, D]`) and pooled grads per level."""
+    with _on_device(q):
+        return _backward_launch(do, q, k, v, o, lse, pks, pvs, sels, plan, scale)
+
+
+def _backward_launch(do, q, k, v, o, lse, pks, pvs, sels, plan: LLSAPlan, scale: float):
     import triton
 
     kern = _kernels()
     b, h, n_pad, d = q.shape
+    bh = b * h
     qr, kr, vr, dor = _rows(q), _rows(k), _rows(v), _rows(do)
     delta = (dor.float() * _rows(o).float()).sum(-1).contiguous()          # [BH, N_pad]
     a = _level_args(q, pks, pvs, sels, plan)
-    meta = _meta(plan, d)
+    meta = _meta(plan, d, q.dtype)
     n2 = plan.level_len(2) if plan.levels >= 2 else 1
     n3 = plan.level_len(3) if plan.levels >= 3 else 1
     n_top = plan.level_len(plan.levels)
@@ -174,13 +226,13 @@ def _backward(do, q, k, v, o, lse, pks, pvs, sels, plan: LLSAPlan, scale: float)
     common = (plan.n, n_pad, n2, n3, n_top, scale)
 
     dq = torch.empty_like(qr)
-    kern["dq"][(plan.n_blocks, b * h)](
+    kern["dq"][_grid(plan.n_blocks, bh)](
         qr, kr, vr, dor, lse, delta, *a["enr"][0], *a["enr"][1], *a["top"], *a["sel"], dq, *common, BT=bt, **meta)
 
     # Fine dK/dV: one program per key block, over the query blocks listed for it by the index transpose.
     off, qids = index_transpose(a["sel"][0], plan.n_blocks)
     dk, dv = torch.empty_like(kr), torch.empty_like(vr)
-    kern["dkv"][(plan.n_blocks, b * h)](qr, kr, vr, dor, lse, delta, off, qids, dk, dv, *common, **meta)
+    kern["dkv"][_grid(plan.n_blocks, bh)](qr, kr, vr, dor, lse, delta, off, qids, dk, dv, *common, **meta)
 
     dpks, dpvs = [], []
     if plan.enrich:
@@ -188,22 +240,31 @@ def _backward(do, q, k, v, o, lse, pks, pvs, sels, plan: LLSAPlan, scale: float)
             n_up = plan.level_len(lvl + 1)
             off_u, qids_u = index_transpose(a["sel"][lvl], n_up)
             pk, pv = a["pk"][lvl - 1], a["pv"][lvl - 1]
-            dpk, dpv = torch.empty_like(pk), torch.empty_like(pv)
-            kern["dpkv"][(n_up, b * h)](
+            # each listed entry is B^lvl fine query blocks: past DPKV_ROWS_PER_SPLIT, split them over grid
+            # axis 1 into fp32 partials (summed here, as for the top level), so no program walks them all
+            r_chunk, n_split = _dpkv_splits(plan.block ** lvl)
+            if n_split == 1:
+                dpk, dpv = torch.empty_like(pk), torch.empty_like(pv)
+            else:
+                dpk = torch.empty((n_split, *pk.shape), device=q.device, dtype=torch.float32)
+                dpv = torch.empty_like(dpk)
+            kern["dpkv"][_grid(n_up, bh, n_split)](
                 qr, dor, lse, delta, pk, pv, a["lw"][lvl - 1], off_u, qids_u, dpk, dpv, *common,
-                plan.level_len(lvl), a["sel"][lvl].shape[1] * a["sel"][lvl].shape[2],
+                plan.level_len(lvl), a["sel"][lvl].shape[1] * a["sel"][lvl].shape[2], r_chunk,
                 POW=plan.block ** lvl, **meta)
+            if n_split > 1:
+                dpk, dpv = dpk.sum(0).to(pk.dtype), dpv.sum(0).to(pv.dtype)
             dpks.append(dpk.view(b, h, -1, d))
             dpvs.append(dpv.view(b, h, -1, d))
-        # Coarsest level: every query reads every pooled key, so split the query blocks over a third grid
-        # axis (enough programs on a GPU) and sum the per-split partials afterwards -- still no atomics.
+        # Coarsest level: every query reads every pooled key, so split the query blocks over grid axis 1
+        # (enough programs on a GPU) and sum the per-split partials afterwards -- still no atomics.
         pk, pv, lw = a["top"]
         n_split = max(1, min(plan.n_blocks, TOP_SPLITS))
         chunk = triton.cdiv(plan.n_blocks, n_split)
         n_split = triton.cdiv(plan.n_blocks, chunk)
         part_k = torch.empty((n_split, *pk.shape), device=q.device, dtype=torch.float32)
         part_v = torch.empty_like(part_k)
-        kern["dtop"][(triton.cdiv(n_top, bt), b * h, n_split)](
+        kern["dtop"][_grid(triton.cdiv(n_top, bt), bh, n_split)](
             qr, dor, lse, delta, pk, pv, lw, part_k, part_v, *common, chunk, BT=bt, **meta)
         dpks.append(part_k.sum(0).to(pk.dtype).view(b, h, -1, d))
         dpvs.append(part_v.sum(0).to(pv.dtype).view(b, h, -1, d))
@@ -216,8 +277,8 @@ def _backward(do, q, k, v, o, lse, pks, pvs, sels, plan: LLSAPlan, scale: float)
 # All tensors are contiguous rows `[B*H, n, D]`; one program owns one output tile (no atomics).
 # ----------------------------------------------------------------------------------------------------
 
-_JIT_HELPERS = ("_mm_nt", "_mm_nn", "_mm_tn", "_load_rows", "_fine_scores", "_pooled_scores", "_online_update",
-                "_dq_update", "_dkv_update")
+_JIT_HELPERS = ("_mm_nt", "_mm_nn", "_mm_tn", "_load_rows", "_slot_rows", "_fine_scores", "_pooled_scores",
+                "_online_update", "_dq_update", "_dkv_update")
 _JIT_KERNELS = {"fwd": "_llsa_fwd_kernel", "dq": "_llsa_dq_kernel", "dkv": "_llsa_dkv_kernel",
                 "dpkv": "_llsa_dpkv_kernel", "dtop": "_llsa_dtop_kernel"}
 _KERNELS: dict | None = None
@@ -239,24 +300,24 @@ def _kernels() -> dict:
 if TRITON_AVAILABLE:
     import triton.language as tl
 
-    def _mm_nt(a, b, USE_DOT: tl.constexpr):
+    def _mm_nt(a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
         """a [M, K] @ b [N, K]^T -> [M, N] fp32 (broadcast-sum when a tile is below tl.dot's 16)."""
         if USE_DOT:
-            return tl.dot(a, tl.trans(b))
+            return tl.dot(a, tl.trans(b), input_precision=PRECISION)
         else:
             return tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
 
-    def _mm_nn(a, b, USE_DOT: tl.constexpr):
+    def _mm_nn(a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
         """a [M, K] @ b [K, N] -> [M, N] fp32."""
         if USE_DOT:
-            return tl.dot(a, b)
+            return tl.dot(a, b, input_precision=PRECISION)
         else:
             return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
 
-    def _mm_tn(a, b, USE_DOT: tl.constexpr):
+    def _mm_tn(a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
         """a [K, M]^T @ b [K, N] -> [M, N] fp32."""
         if USE_DOT:
-            return tl.dot(tl.trans(a), b)
+            return tl.dot(tl.trans(a), b, input_precision=PRECISION)
         else:
             return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[:, None, :], axis=0)
 
@@ -265,45 +326,56 @@ if TRITON_AVAILABLE:
         return tl.load(ptr + rows[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D),
                        other=0.0)
 
-    def _fine_scores(q, kt, offs_m, offs_n, n_valid, scale, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr):
-        """Scaled scores of fine keys; padded keys and (causal) future keys -> -inf."""
-        s = _mm_nt(q, kt, USE_DOT) * scale
-        ok = (offs_n[None, :] < n_valid) & (offs_m[:, None] >= 0)
+    def _slot_rows(slot, offs_b, BS: tl.constexpr):
+        """Rows of the block in one top-K slot (-1 = empty) -> (row ids, row mask); branch-free: an empty slot
+        reads block 0 under an all-false mask, so the gathered loads stay in the loop body and pipeline."""
+        ok = (offs_b * 0 + slot) >= 0  # broadcast first: the interpreter rejects a block & scalar mask
+        return tl.maximum(slot, 0) * BS + offs_b, ok
+
+    def _fine_scores(q, kt, offs_m, offs_n, key_ok, n_valid, scale, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr,
+                     PRECISION: tl.constexpr):
+        """Scaled scores of fine keys; keys of an empty slot, padded keys and (causal) future keys -> -inf."""
+        s = _mm_nt(q, kt, USE_DOT, PRECISION) * scale
+        ok = key_ok[None, :] & (offs_n[None, :] < n_valid) & (offs_m[:, None] >= 0)
         if CAUSAL:
             ok = ok & (offs_n[None, :] <= offs_m[:, None])
         return tl.where(ok, s, float("-inf"))
 
-    def _pooled_scores(q, kt, lw, offs_m, offs_t, POW: tl.constexpr, scale, CAUSAL: tl.constexpr,
-                       USE_DOT: tl.constexpr):
-        """Scores of pooled keys (each standing for POW tokens) plus their log-weight; causal: whole block past."""
-        s = _mm_nt(q, kt, USE_DOT) * scale + lw[None, :]
+    def _pooled_scores(q, kt, lw, offs_m, offs_t, key_ok, POW: tl.constexpr, scale, CAUSAL: tl.constexpr,
+                       USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+        """Scores of pooled keys (each standing for POW tokens) plus their log-weight; keys of an empty slot
+        -> -inf; causal: only keys whose whole block lies at or before the query."""
+        s = _mm_nt(q, kt, USE_DOT, PRECISION) * scale + lw[None, :]
+        ok = key_ok[None, :] & (offs_m[:, None] >= 0)
         if CAUSAL:
-            s = tl.where(((offs_t + 1) * POW - 1)[None, :] <= offs_m[:, None], s, float("-inf"))
-        return s
+            ok = ok & (((offs_t + 1) * POW - 1)[None, :] <= offs_m[:, None])
+        return tl.where(ok, s, float("-inf"))
 
-    def _online_update(acc, m_i, l_i, s, vt, USE_DOT: tl.constexpr):
-        """One online-softmax step over a key tile (m_i starts finite, so all -inf tiles add nothing)."""
+    def _online_update(acc, m_i, l_i, s, vt, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+        """One online-softmax step over a key tile. m_i starts finite, so an all -inf tile (an empty slot)
+        gives alpha = 1 and p = 0 and leaves acc, m_i, l_i bit-for-bit unchanged."""
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_new = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mm_nn(p.to(vt.dtype), vt, USE_DOT)
+        acc = acc * alpha[:, None] + _mm_nn(p.to(vt.dtype), vt, USE_DOT, PRECISION)
         return acc, m_new, l_new
 
-    def _dq_update(dq, s, do, lse, delta, kt, vt, scale, USE_DOT: tl.constexpr):
-        """dQ += dS K for one key tile (FlashAttention-2 style, p recomputed from the saved lse)."""
+    def _dq_update(dq, s, do, lse, delta, kt, vt, scale, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+        """dQ += dS K for one key tile (FlashAttention-2 style, p recomputed from the saved lse); a -inf
+        score (empty slot, masked key) gives p = 0, hence dS = 0: no contribution."""
         p = tl.exp(s - lse[:, None])
-        dp = _mm_nt(do, vt, USE_DOT)
+        dp = _mm_nt(do, vt, USE_DOT, PRECISION)
         ds = p * (dp - delta[:, None])
-        return dq + _mm_nn(ds.to(kt.dtype), kt, USE_DOT) * scale
+        return dq + _mm_nn(ds.to(kt.dtype), kt, USE_DOT, PRECISION) * scale
 
-    def _dkv_update(dk, dv, s, q, do, lse, delta, vt, scale, USE_DOT: tl.constexpr):
+    def _dkv_update(dk, dv, s, q, do, lse, delta, vt, scale, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
         """dK += dS^T Q, dV += P^T dO for one query tile against the program's key tile."""
         p = tl.exp(s - lse[:, None])
-        dv = dv + _mm_tn(p.to(do.dtype), do, USE_DOT)
-        dp = _mm_nt(do, vt, USE_DOT)
+        dv = dv + _mm_tn(p.to(do.dtype), do, USE_DOT, PRECISION)
+        dp = _mm_nt(do, vt, USE_DOT, PRECISION)
         ds = p * (dp - delta[:, None])
-        dk = dk + _mm_tn(ds.to(q.dtype), q, USE_DOT) * scale
+        dk = dk + _mm_tn(ds.to(q.dtype), q, USE_DOT, PRECISION) * scale
         return dk, dv
 
     def _llsa_fwd_kernel(Q, K, V, PKA, PVA, LWA, PKB, PVB, LWB, PKT, PVT, LWT, SEL1, SEL2, SEL3, OUT, LSE,
@@ -311,11 +383,12 @@ if TRITON_AVAILABLE:
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, LEVELS: tl.constexpr,
                          K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, POW1: tl.constexpr,
                          POW2: tl.constexpr, POW_TOP: tl.constexpr, CAUSAL: tl.constexpr, ENRICH: tl.constexpr,
-                         USE_DOT: tl.constexpr, BT: tl.constexpr):
-        """One program = one fine query block of BS queries of one (batch, head)."""
-        qb = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
+                         USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr):
+        """One program = one fine query block of BS queries of one (batch, head); grid axis 0 = both, folded."""
         n1 = n_pad // BS
+        pid = tl.program_id(0)
+        qb = pid % n1
+        bh = (pid // n1).to(tl.int64)
         offs_m = qb * BS + tl.arange(0, BS)
         offs_b = tl.arange(0, BS)
         offs_d = tl.arange(0, BLOCK_D)
@@ -326,38 +399,32 @@ if TRITON_AVAILABLE:
         acc = tl.zeros([BS, BLOCK_D], tl.float32)
         # 1) the fine key blocks chosen for this query block
         for j in range(K1):
-            kb = tl.load(SEL1 + (bh * n1 + qb) * K1 + j)
-            if kb >= 0:
-                offs_n = kb * BS + offs_b
-                kt = _load_rows(K + bh * n_pad * D, offs_n, all_rows, offs_d, D)
-                vt = _load_rows(V + bh * n_pad * D, offs_n, all_rows, offs_d, D)
-                s = _fine_scores(q, kt, offs_m, offs_n, n_valid, scale, CAUSAL, USE_DOT)
-                acc, m_i, l_i = _online_update(acc, m_i, l_i, s, vt, USE_DOT)
+            offs_n, ok = _slot_rows(tl.load(SEL1 + (bh * n1 + qb) * K1 + j), offs_b, BS)
+            kt = _load_rows(K + bh * n_pad * D, offs_n, ok, offs_d, D)
+            vt = _load_rows(V + bh * n_pad * D, offs_n, ok, offs_d, D)
+            s = _fine_scores(q, kt, offs_m, offs_n, ok, n_valid, scale, CAUSAL, USE_DOT, PRECISION)
+            acc, m_i, l_i = _online_update(acc, m_i, l_i, s, vt, USE_DOT, PRECISION)
         if ENRICH:
             # 2) level-1 pooled keys: children of the level-2 blocks this block's level-2 ancestor kept
             if LEVELS >= 2:
                 anc = qb // POW1
                 for j in range(K2):
-                    pb = tl.load(SEL2 + (bh * n2 + anc) * K2 + j)
-                    if pb >= 0:
-                        offs_t = pb * BS + offs_b
-                        kt = _load_rows(PKA + bh * n1 * D, offs_t, all_rows, offs_d, D)
-                        vt = _load_rows(PVA + bh * n1 * D, offs_t, all_rows, offs_d, D)
-                        lw = tl.load(LWA + offs_t)
-                        s = _pooled_scores(q, kt, lw, offs_m, offs_t, POW1, scale, CAUSAL, USE_DOT)
-                        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, vt, USE_DOT)
+                    offs_t, ok = _slot_rows(tl.load(SEL2 + (bh * n2 + anc) * K2 + j), offs_b, BS)
+                    kt = _load_rows(PKA + bh * n1 * D, offs_t, ok, offs_d, D)
+                    vt = _load_rows(PVA + bh * n1 * D, offs_t, ok, offs_d, D)
+                    lw = tl.load(LWA + offs_t, mask=ok, other=float("-inf"))
+                    s = _pooled_scores(q, kt, lw, offs_m, offs_t, ok, POW1, scale, CAUSAL, USE_DOT, PRECISION)
+                    acc, m_i, l_i = _online_update(acc, m_i, l_i, s, vt, USE_DOT, PRECISION)
             # level-2 pooled keys under the level-3 blocks kept by the level-3 ancestor
             if LEVELS >= 3:
                 anc3 = qb // POW2
                 for j in range(K3):
-                    pb = tl.load(SEL3 + (bh * n3 + anc3) * K3 + j)
-                    if pb >= 0:
-                        offs_t = pb * BS + offs_b
-                        kt = _load_rows(PKB + bh * n2 * D, offs_t, all_rows, offs_d, D)
-                        vt = _load_rows(PVB + bh * n2 * D, offs_t, all_rows, offs_d, D)
-                        lw = tl.load(LWB + offs_t)
-                        s = _pooled_scores(q, kt, lw, offs_m, offs_t, POW2, scale, CAUSAL, USE_DOT)
-                        acc, m_i, l_i = _online_update(acc, m_i, l_i, s, vt, USE_DOT)
+                    offs_t, ok = _slot_rows(tl.load(SEL3 + (bh * n3 + anc3) * K3 + j), offs_b, BS)
+                    kt = _load_rows(PKB + bh * n2 * D, offs_t, ok, offs_d, D)
+                    vt = _load_rows(PVB + bh * n2 * D, offs_t, ok, offs_d, D)
+                    lw = tl.load(LWB + offs_t, mask=ok, other=float("-inf"))
+                    s = _pooled_scores(q, kt, lw, offs_m, offs_t, ok, POW2, scale, CAUSAL, USE_DOT, PRECISION)
+                    acc, m_i, l_i = _online_update(acc, m_i, l_i, s, vt, USE_DOT, PRECISION)
             # 3) every pooled key of the coarsest level
             for t0 in range(0, n_top, BT):
                 offs_t = t0 + tl.arange(0, BT)
@@ -365,8 +432,8 @@ if TRITON_AVAILABLE:
                 kt = _load_rows(PKT + bh * n_top * D, offs_t, t_ok, offs_d, D)
                 vt = _load_rows(PVT + bh * n_top * D, offs_t, t_ok, offs_d, D)
                 lw = tl.load(LWT + offs_t, mask=t_ok, other=float("-inf"))
-                s = _pooled_scores(q, kt, lw, offs_m, offs_t, POW_TOP, scale, CAUSAL, USE_DOT)
-                acc, m_i, l_i = _online_update(acc, m_i, l_i, s, vt, USE_DOT)
+                s = _pooled_scores(q, kt, lw, offs_m, offs_t, t_ok, POW_TOP, scale, CAUSAL, USE_DOT, PRECISION)
+                acc, m_i, l_i = _online_update(acc, m_i, l_i, s, vt, USE_DOT, PRECISION)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log(l_safe), float("inf"))  # +inf: a row with no key gives p = 0
@@ -379,11 +446,12 @@ if TRITON_AVAILABLE:
                         D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, LEVELS: tl.constexpr,
                         K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, POW1: tl.constexpr,
                         POW2: tl.constexpr, POW_TOP: tl.constexpr, CAUSAL: tl.constexpr, ENRICH: tl.constexpr,
-                        USE_DOT: tl.constexpr, BT: tl.constexpr):
-        """dQ of one fine query block over exactly the key set of the forward."""
-        qb = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
+                        USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr):
+        """dQ of one fine query block over exactly the key set of the forward (same branch-free gathers)."""
         n1 = n_pad // BS
+        pid = tl.program_id(0)
+        qb = pid % n1
+        bh = (pid // n1).to(tl.int64)
         offs_m = qb * BS + tl.arange(0, BS)
         offs_b = tl.arange(0, BS)
         offs_d = tl.arange(0, BLOCK_D)
@@ -394,44 +462,38 @@ if TRITON_AVAILABLE:
         delta = tl.load(DELTA + bh * n_pad + offs_m)
         dq = tl.zeros([BS, BLOCK_D], tl.float32)
         for j in range(K1):
-            kb = tl.load(SEL1 + (bh * n1 + qb) * K1 + j)
-            if kb >= 0:
-                offs_n = kb * BS + offs_b
-                kt = _load_rows(K + bh * n_pad * D, offs_n, all_rows, offs_d, D)
-                vt = _load_rows(V + bh * n_pad * D, offs_n, all_rows, offs_d, D)
-                s = _fine_scores(q, kt, offs_m, offs_n, n_valid, scale, CAUSAL, USE_DOT)
-                dq = _dq_update(dq, s, do, lse, delta, kt, vt, scale, USE_DOT)
+            offs_n, ok = _slot_rows(tl.load(SEL1 + (bh * n1 + qb) * K1 + j), offs_b, BS)
+            kt = _load_rows(K + bh * n_pad * D, offs_n, ok, offs_d, D)
+            vt = _load_rows(V + bh * n_pad * D, offs_n, ok, offs_d, D)
+            s = _fine_scores(q, kt, offs_m, offs_n, ok, n_valid, scale, CAUSAL, USE_DOT, PRECISION)
+            dq = _dq_update(dq, s, do, lse, delta, kt, vt, scale, USE_DOT, PRECISION)
         if ENRICH:
             if LEVELS >= 2:
                 anc = qb // POW1
                 for j in range(K2):
-                    pb = tl.load(SEL2 + (bh * n2 + anc) * K2 + j)
-                    if pb >= 0:
-                        offs_t = pb * BS + offs_b
-                        kt = _load_rows(PKA + bh * n1 * D, offs_t, all_rows, offs_d, D)
-                        vt = _load_rows(PVA + bh * n1 * D, offs_t, all_rows, offs_d, D)
-                        lw = tl.load(LWA + offs_t)
-                        s = _pooled_scores(q, kt, lw, offs_m, offs_t, POW1, scale, CAUSAL, USE_DOT)
-                        dq = _dq_update(dq, s, do, lse, delta, kt, vt, scale, USE_DOT)
+                    offs_t, ok = _slot_rows(tl.load(SEL2 + (bh * n2 + anc) * K2 + j), offs_b, BS)
+                    kt = _load_rows(PKA + bh * n1 * D, offs_t, ok, offs_d, D)
+                    vt = _load_rows(PVA + bh * n1 * D, offs_t, ok, offs_d, D)
+                    lw = tl.load(LWA + offs_t, mask=ok, other=float("-inf"))
+                    s = _pooled_scores(q, kt, lw, offs_m, offs_t, ok, POW1, scale, CAUSAL, USE_DOT, PRECISION)
+                    dq = _dq_update(dq, s, do, lse, delta, kt, vt, scale, USE_DOT, PRECISION)
             if LEVELS >= 3:
                 anc3 = qb // POW2
                 for j in range(K3):
-                    pb = tl.load(SEL3 + (bh * n3 + anc3) * K3 + j)
-                    if pb >= 0:
-                        offs_t = pb * BS + offs_b
-                        kt = _load_rows(PKB + bh * n2 * D, offs_t, all_rows, offs_d, D)
-                        vt = _load_rows(PVB + bh * n2 * D, offs_t, all_rows, offs_d, D)
-                        lw = tl.load(LWB + offs_t)
-                        s = _pooled_scores(q, kt, lw, offs_m, offs_t, POW2, scale, CAUSAL, USE_DOT)
-                        dq = _dq_update(dq, s, do, lse, delta, kt, vt, scale, USE_DOT)
+                    offs_t, ok = _slot_rows(tl.load(SEL3 + (bh * n3 + anc3) * K3 + j), offs_b, BS)
+                    kt = _load_rows(PKB + bh * n2 * D, offs_t, ok, offs_d, D)
+                    vt = _load_rows(PVB + bh * n2 * D, offs_t, ok, offs_d, D)
+                    lw = tl.load(LWB + offs_t, mask=ok, other=float("-inf"))
+                    s = _pooled_scores(q, kt, lw, offs_m, offs_t, ok, POW2, scale, CAUSAL, USE_DOT, PRECISION)
+                    dq = _dq_update(dq, s, do, lse, delta, kt, vt, scale, USE_DOT, PRECISION)
             for t0 in range(0, n_top, BT):
                 offs_t = t0 + tl.arange(0, BT)
                 t_ok = offs_t < n_top
                 kt = _load_rows(PKT + bh * n_top * D, offs_t, t_ok, offs_d, D)
                 vt = _load_rows(PVT + bh * n_top * D, offs_t, t_ok, offs_d, D)
                 lw = tl.load(LWT + offs_t, mask=t_ok, other=float("-inf"))
-                s = _pooled_scores(q, kt, lw, offs_m, offs_t, POW_TOP, scale, CAUSAL, USE_DOT)
-                dq = _dq_update(dq, s, do, lse, delta, kt, vt, scale, USE_DOT)
+                s = _pooled_scores(q, kt, lw, offs_m, offs_t, t_ok, POW_TOP, scale, CAUSAL, USE_DOT, PRECISION)
+                dq = _dq_update(dq, s, do, lse, delta, kt, vt, scale, USE_DOT, PRECISION)
         tl.store(DQ + bh * n_pad * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=offs_d[None, :] < D)
 
@@ -439,11 +501,13 @@ if TRITON_AVAILABLE:
                          D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, LEVELS: tl.constexpr,
                          K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, POW1: tl.constexpr,
                          POW2: tl.constexpr, POW_TOP: tl.constexpr, CAUSAL: tl.constexpr, ENRICH: tl.constexpr,
-                         USE_DOT: tl.constexpr):
-        """dK, dV of one fine key block, over only the query blocks that selected it (key-major CSR)."""
-        kb = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
+                         USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+        """dK, dV of one fine key block, over only the query blocks that selected it (key-major CSR, which
+        lists real selections only: empty slots sort past the last offset)."""
         n1 = n_pad // BS
+        pid = tl.program_id(0)
+        kb = pid % n1
+        bh = (pid // n1).to(tl.int64)
         offs_n = kb * BS + tl.arange(0, BS)
         offs_b = tl.arange(0, BS)
         offs_d = tl.arange(0, BLOCK_D)
@@ -461,23 +525,32 @@ if TRITON_AVAILABLE:
             do = _load_rows(DO + bh * n_pad * D, offs_m, all_rows, offs_d, D)
             lse = tl.load(LSE + bh * n_pad + offs_m)
             delta = tl.load(DELTA + bh * n_pad + offs_m)
-            s = _fine_scores(q, kt, offs_m, offs_n, n_valid, scale, CAUSAL, USE_DOT)
-            dk, dv = _dkv_update(dk, dv, s, q, do, lse, delta, vt, scale, USE_DOT)
+            s = _fine_scores(q, kt, offs_m, offs_n, all_rows, n_valid, scale, CAUSAL, USE_DOT, PRECISION)
+            dk, dv = _dkv_update(dk, dv, s, q, do, lse, delta, vt, scale, USE_DOT, PRECISION)
         out = bh * n_pad * D + offs_n[:, None] * D + offs_d[None, :]
         tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=offs_d[None, :] < D)
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=offs_d[None, :] < D)
 
     def _llsa_dpkv_kernel(Q, DO, LSE, DELTA, PK, PV, LW, OFF, QIDS, DPK, DPV, n_valid, n_pad, n2, n3, n_top, scale,
-                          n_lvl, n_list, POW: tl.constexpr,
+                          n_lvl, n_list, r_chunk, POW: tl.constexpr,
                           D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, LEVELS: tl.constexpr,
                           K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, POW1: tl.constexpr,
                           POW2: tl.constexpr, POW_TOP: tl.constexpr, CAUSAL: tl.constexpr, ENRICH: tl.constexpr,
-                          USE_DOT: tl.constexpr):
+                          USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
         """dK, dV of the BS pooled keys (level l, each standing for POW = BS^l tokens) under one level-(l+1)
-        block, over the fine query blocks whose level-(l+1) ancestor kept that block (CSR of its top-K)."""
-        pb = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
+        block, over the fine query blocks whose level-(l+1) ancestor kept that block (CSR of its top-K).
+
+        Each listed level-(l+1) query token is POW fine query blocks; grid axis 1 splits them into runs of
+        `r_chunk`. DPK, DPV are `[splits, B*H, n_lvl, D]` (fp32 partials, summed by the host) or, with one
+        split, the gradients themselves."""
         n_up = n_lvl // BS
+        pid = tl.program_id(0)
+        pb = pid % n_up
+        bh = (pid // n_up).to(tl.int64)
+        split = tl.program_id(1)
+        n_bh = tl.num_programs(0) // n_up
+        r_start = split * r_chunk
+        r_end = tl.minimum(r_start + r_chunk, POW)
         offs_t = pb * BS + tl.arange(0, BS)
         offs_b = tl.arange(0, BS)
         offs_d = tl.arange(0, BLOCK_D)
@@ -491,15 +564,15 @@ if TRITON_AVAILABLE:
         end = tl.load(OFF + bh * (n_up + 1) + pb + 1)
         for e in range(start, end):
             qa = tl.load(QIDS + bh * n_list + e)        # a level-(l+1) query token ...
-            for r in range(POW):                         # ... = POW fine query blocks
+            for r in range(r_start, r_end):              # ... = POW fine query blocks (this split's run)
                 offs_m = (qa * POW + r) * BS + offs_b
                 q = _load_rows(Q + bh * n_pad * D, offs_m, all_rows, offs_d, D)
                 do = _load_rows(DO + bh * n_pad * D, offs_m, all_rows, offs_d, D)
                 lse = tl.load(LSE + bh * n_pad + offs_m)
                 delta = tl.load(DELTA + bh * n_pad + offs_m)
-                s = _pooled_scores(q, kt, lw, offs_m, offs_t, POW, scale, CAUSAL, USE_DOT)
-                dk, dv = _dkv_update(dk, dv, s, q, do, lse, delta, vt, scale, USE_DOT)
-        out = bh * n_lvl * D + offs_t[:, None] * D + offs_d[None, :]
+                s = _pooled_scores(q, kt, lw, offs_m, offs_t, all_rows, POW, scale, CAUSAL, USE_DOT, PRECISION)
+                dk, dv = _dkv_update(dk, dv, s, q, do, lse, delta, vt, scale, USE_DOT, PRECISION)
+        out = (split * n_bh + bh) * n_lvl * D + offs_t[:, None] * D + offs_d[None, :]
         tl.store(DPK + out, dk.to(DPK.dtype.element_ty), mask=offs_d[None, :] < D)
         tl.store(DPV + out, dv.to(DPV.dtype.element_ty), mask=offs_d[None, :] < D)
 
@@ -507,13 +580,15 @@ if TRITON_AVAILABLE:
                           D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, LEVELS: tl.constexpr,
                           K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, POW1: tl.constexpr,
                           POW2: tl.constexpr, POW_TOP: tl.constexpr, CAUSAL: tl.constexpr, ENRICH: tl.constexpr,
-                          USE_DOT: tl.constexpr, BT: tl.constexpr):
+                          USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BT: tl.constexpr):
         """Partial dK, dV of BT coarsest-level pooled keys over one chunk of query blocks (every query reads
         them); DPK, DPV are `[splits, B*H, n_top, D]` fp32 partials, summed by the host."""
-        tb = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        split = tl.program_id(2)
-        n_bh = tl.num_programs(1)
+        n_tb = tl.cdiv(n_top, BT)
+        pid = tl.program_id(0)
+        tb = pid % n_tb
+        bh = (pid // n_tb).to(tl.int64)
+        split = tl.program_id(1)
+        n_bh = tl.num_programs(0) // n_tb
         n1 = n_pad // BS
         q_start = split * chunk
         q_end = tl.minimum(q_start + chunk, n1)
@@ -533,8 +608,8 @@ if TRITON_AVAILABLE:
             do = _load_rows(DO + bh * n_pad * D, offs_m, all_rows, offs_d, D)
             lse = tl.load(LSE + bh * n_pad + offs_m)
             delta = tl.load(DELTA + bh * n_pad + offs_m)
-            s = _pooled_scores(q, kt, lw, offs_m, offs_t, POW_TOP, scale, CAUSAL, USE_DOT)
-            dk, dv = _dkv_update(dk, dv, s, q, do, lse, delta, vt, scale, USE_DOT)
+            s = _pooled_scores(q, kt, lw, offs_m, offs_t, t_ok, POW_TOP, scale, CAUSAL, USE_DOT, PRECISION)
+            dk, dv = _dkv_update(dk, dv, s, q, do, lse, delta, vt, scale, USE_DOT, PRECISION)
         out = (split * n_bh + bh) * n_top * D + offs_t[:, None] * D + offs_d[None, :]
         ok = t_ok[:, None] & (offs_d[None, :] < D)
         tl.store(DPK + out, dk, mask=ok)
