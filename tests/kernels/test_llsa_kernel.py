@@ -84,8 +84,11 @@ def test_fp32_dot_precision_follows_torch_tf32_switch():
     """The kernels' PRECISION constexpr: exact fp32 unless torch allows TF32 matmuls (as the fused CE)."""
     plan = make_plan(300, 2, 16, 8)
     assert llsa_mod._meta(plan, 64, torch.float32)["PRECISION"] == "ieee"
+    # exact fp32 dots run on FMA units: the spill-free tiles of the sm_80 / sm_90 builds
+    assert llsa_mod._tiles(plan, llsa_mod._meta(plan, 64, torch.float32)) == (16, {"num_warps": 8})
     torch.backends.cuda.matmul.allow_tf32 = True  # the fixture restores it
     assert llsa_mod._meta(plan, 64, torch.float32)["PRECISION"] == "tf32"
+    assert llsa_mod._tiles(plan, llsa_mod._meta(plan, 64, torch.float32)) == (16, {})  # 4 warps; BT from n_top
     for dt in (torch.float16, torch.bfloat16):  # ignored by tl.dot for half operands; same value as the fused CE
         assert llsa_mod._meta(plan, 64, dt)["PRECISION"] == "tf32"
 

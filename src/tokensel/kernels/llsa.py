@@ -134,6 +134,19 @@ def _meta(plan: LLSAPlan, d: int, dtype: torch.dtype) -> dict:
                 CAUSAL=plan.causal, ENRICH=plan.enrich, USE_DOT=use_dot, PRECISION=_precision(dtype))
 
 
+def _tiles(plan: LLSAPlan, meta: dict) -> tuple[int, dict]:
+    """(BT, launch options): the coarsest-level key tile and the warps. Exact fp32 dots ("ieee") run on
+    FMA units with their operands in registers; there BT = 16 and 8 warps keep every kernel free of
+    register spills in the sm_80 / sm_90 builds (BT = 64 with 4 warps spilled up to 9 KB in `dtop`)."""
+    import triton
+
+    fma = meta["USE_DOT"] and meta["PRECISION"] == "ieee"
+    lo = 16 if meta["USE_DOT"] else plan.block
+    if fma:
+        return lo, dict(num_warps=8)
+    return max(lo, min(64, triton.next_power_of_2(plan.level_len(plan.levels)))), {}
+
+
 def _dpkv_splits(pow_: int) -> tuple[int, int]:
     """(fine query blocks per split, splits) of the level-l pooled dK/dV kernel, whose listed entries each
     stand for `pow_ = B^l` fine query blocks: split that loop over grid axis 1 (fp32 partials) once it is
@@ -185,8 +198,6 @@ class _LLSAFunction(torch.autograd.Function):
 
 def _forward(q, k, v, pks, pvs, sels, plan: LLSAPlan, scale: float):
     """Launch the forward kernel: `o [B, H, N_pad, D]`, `lse [B*H, N_pad]` float32."""
-    import triton
-
     kern = _kernels()
     b, h, n_pad, d = q.shape
     qr, kr, vr = _rows(q), _rows(k), _rows(v)
@@ -194,12 +205,12 @@ def _forward(q, k, v, pks, pvs, sels, plan: LLSAPlan, scale: float):
     lse = torch.empty(qr.shape[:2], device=q.device, dtype=torch.float32)
     a = _level_args(q, pks, pvs, sels, plan)
     meta = _meta(plan, d, q.dtype)
-    bt = max(16 if meta["USE_DOT"] else plan.block, min(64, triton.next_power_of_2(plan.level_len(plan.levels))))
+    bt, opts = _tiles(plan, meta)
     with _on_device(q):
         kern["fwd"][_grid(plan.n_blocks, b * h)](
             qr, kr, vr, *a["enr"][0], *a["enr"][1], *a["top"], *a["sel"], o, lse,
             plan.n, n_pad, plan.level_len(2) if plan.levels >= 2 else 1,
-            plan.level_len(3) if plan.levels >= 3 else 1, plan.level_len(plan.levels), scale, BT=bt, **meta)
+            plan.level_len(3) if plan.levels >= 3 else 1, plan.level_len(plan.levels), scale, BT=bt, **meta, **opts)
     return o.view(b, h, n_pad, d), lse
 
 
@@ -222,17 +233,19 @@ def _backward_launch(do, q, k, v, o, lse, pks, pvs, sels, plan: LLSAPlan, scale:
     n2 = plan.level_len(2) if plan.levels >= 2 else 1
     n3 = plan.level_len(3) if plan.levels >= 3 else 1
     n_top = plan.level_len(plan.levels)
-    bt = max(16 if meta["USE_DOT"] else plan.block, min(64, triton.next_power_of_2(n_top)))
+    bt, opts = _tiles(plan, meta)
     common = (plan.n, n_pad, n2, n3, n_top, scale)
 
     dq = torch.empty_like(qr)
     kern["dq"][_grid(plan.n_blocks, bh)](
-        qr, kr, vr, dor, lse, delta, *a["enr"][0], *a["enr"][1], *a["top"], *a["sel"], dq, *common, BT=bt, **meta)
+        qr, kr, vr, dor, lse, delta, *a["enr"][0], *a["enr"][1], *a["top"], *a["sel"], dq, *common, BT=bt, **meta,
+        **opts)
 
     # Fine dK/dV: one program per key block, over the query blocks listed for it by the index transpose.
     off, qids = index_transpose(a["sel"][0], plan.n_blocks)
     dk, dv = torch.empty_like(kr), torch.empty_like(vr)
-    kern["dkv"][_grid(plan.n_blocks, bh)](qr, kr, vr, dor, lse, delta, off, qids, dk, dv, *common, **meta)
+    kern["dkv"][_grid(plan.n_blocks, bh)](qr, kr, vr, dor, lse, delta, off, qids, dk, dv, *common, **meta,
+                                          **opts)
 
     dpks, dpvs = [], []
     if plan.enrich:
@@ -251,7 +264,7 @@ def _backward_launch(do, q, k, v, o, lse, pks, pvs, sels, plan: LLSAPlan, scale:
             kern["dpkv"][_grid(n_up, bh, n_split)](
                 qr, dor, lse, delta, pk, pv, a["lw"][lvl - 1], off_u, qids_u, dpk, dpv, *common,
                 plan.level_len(lvl), a["sel"][lvl].shape[1] * a["sel"][lvl].shape[2], r_chunk,
-                POW=plan.block ** lvl, **meta)
+                POW=plan.block ** lvl, **meta, **opts)
             if n_split > 1:
                 dpk, dpv = dpk.sum(0).to(pk.dtype), dpv.sum(0).to(pv.dtype)
             dpks.append(dpk.view(b, h, -1, d))
@@ -265,7 +278,7 @@ def _backward_launch(do, q, k, v, o, lse, pks, pvs, sels, plan: LLSAPlan, scale:
         part_k = torch.empty((n_split, *pk.shape), device=q.device, dtype=torch.float32)
         part_v = torch.empty_like(part_k)
         kern["dtop"][_grid(triton.cdiv(n_top, bt), bh, n_split)](
-            qr, dor, lse, delta, pk, pv, lw, part_k, part_v, *common, chunk, BT=bt, **meta)
+            qr, dor, lse, delta, pk, pv, lw, part_k, part_v, *common, chunk, BT=bt, **meta, **opts)
         dpks.append(part_k.sum(0).to(pk.dtype).view(b, h, -1, d))
         dpvs.append(part_v.sum(0).to(pv.dtype).view(b, h, -1, d))
     shape = (b, h, n_pad, d)
