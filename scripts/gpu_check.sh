@@ -98,7 +98,8 @@ step "env probe" 90 "$ENVF" python3 scripts/gpu/probe.py
 PYT=$OUT/pytest.log; : > "$PYT"
 PYTEST=(python3 -m pytest -p no:cacheprovider -rfEs --durations=8)
 step "pytest -m gpu tests/kernels" 150 "$PYT" "${PYTEST[@]}" -m gpu tests/kernels
-step "pytest tests/kernels -m 'not gpu' (native CUDA)" 150 "$PYT" "${PYTEST[@]}" -m "not gpu" tests/kernels
+step "pytest tests/kernels -m 'not gpu' (native CUDA)" 150 "$PYT" "${PYTEST[@]}" -m "not gpu" tests/kernels \
+  --ignore=tests/kernels/test_aot_compile.py  # the AOT compile test is the CPU machines' stand-in for this run
 [ "$DRY" = 1 ] || grep -E "^(FAILED|ERROR) |^=+ .*(passed|failed|error).* in [0-9.]+s.* =+$" "$PYT" | tail -30 >> "$SUM"
 
 # ---------------------------------------------------------------- 3. fused CE profile at the target shape
