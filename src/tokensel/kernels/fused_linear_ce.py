@@ -580,5 +580,65 @@ class FusedLinearCrossEntropy(nn.Module):
         return f"ignore_index={self.ignore_index}, softcap={self.softcap}"
 
 
+# ------------------------------------------------------------------------ launch variants (AOT compile test)
+
+# constexprs the GPU host code passes with one value only (tokensel.kernels.aot checks every other bool takes both)
+AOT_SINGLE_VALUED = {"_fwd_kernel": {"UPCAST": "interpreter only: _dot_flags sets it iff INTERPRET and bf16"},
+                     "_dlogits_kernel": {"UPCAST": "interpreter only: _dot_flags sets it iff INTERPRET and bf16"}}
+
+
+def launch_variants() -> list:
+    """The launches `fused_forward` / `fused_backward` can make on a GPU, for `tokensel.kernels.aot` (the AOT
+    compile test): built with the host's own helpers (`_config`, `_dot_flags`, `_default_splits`, `_chunk_rows`,
+    `_vocab_chunk`) at N=16384, H=4096, V=128256, 60% rows kept, 132 SMs (other shapes change only runtime ints).
+
+    Axes: tiles = every `TILE_CANDIDATES` entry (the `TILE_TABLE` defaults and every `tiles=` choice), dtype =
+    bf16 / fp16 / fp32 with `allow_tf32` off ("ieee") and on ("tf32"), bias, softcap. Rows: the full product of
+    bias x softcap at the `TILE_TABLE` tile (what runs without options) for bf16 and exact fp32, then a pairwise
+    covering design (`aot.pairwise`) over all four axes: every tile meets every dtype, bias and softcap value.
+
+    Not enumerated: fp32 with a BLOCK_K 64 candidate. The host never picks one (`TILE_TABLE[float32]` is the x32
+    tile); only an explicit `tiles=` does, and those are 16-bit tiles: their fp32 builds need 192-288 KiB of
+    shared memory (over sm_90's 227 KiB for 128x256 and 128x128 s4, over sm_80's 163 KiB for all three) and, in
+    exact fp32, spill 10-40 KB per thread (Triton 3.9). Free-form `block_*` / `num_*` / `group_m` overrides are
+    the caller's choice and are not enumerated either (group_m: its default 8).
+    """
+    from tokensel.kernels.aot import Variant, allow_tf32, pairwise, ptr
+
+    if INTERPRET:
+        raise RuntimeError("launch_variants: fused_linear_ce was imported with TRITON_INTERPRET=1")
+    n, h, v, kept, sms = 16384, 4096, 128256, 9830, 132
+    dtypes = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32-ieee": (torch.float32, False),
+              "fp32-tf32": (torch.float32, True)}
+    axes = dict(tiles=list(TILE_CANDIDATES), dtype=list(dtypes), bias=[False, True], softcap=[False, True])
+    seeds = [dict(tiles=_table_tiles(dtypes[d][0], h), dtype=d, bias=b, softcap=c)
+             for d in ("bf16", "fp32-ieee") for b in (False, True) for c in (False, True)]
+    fits = lambda r: dtypes[r["dtype"]][0] != torch.float32 or TILE_CANDIDATES[r["tiles"]]["block_k"] <= 32  # noqa: E731
+    out = []
+    for row in pairwise(axes, seeds, valid=fits):
+        dtype, tf32 = dtypes[row["dtype"]]
+        with allow_tf32(tf32):
+            upcast, precision = _dot_flags(dtype)
+        cfg = _config(dtype, {"tiles": row["tiles"]}, h)
+        bm, bv, t = cfg["block_m"], cfg["block_v"], ptr(dtype)
+        n_rb, n_vb = triton.cdiv(n, bm), triton.cdiv(v, bv)
+        v_per_split = triton.cdiv(n_vb, _default_splits(n_rb, n_vb, sms)) * bv
+        consts = dict(HAS_BIAS=row["bias"], HAS_SOFTCAP=row["softcap"], UPCAST=upcast, PRECISION=precision,
+                      BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg["block_k"])
+        shared = dict(X=t, W=t, B=t, T="*i64", H=h, stride_xn=h, stride_xh=1, stride_wv=h, stride_wh=1,
+                      cap=30.0 if row["softcap"] else 1.0)
+        opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                    tags=dict(row, table=row["tiles"] == _table_tiles(dtype, h)))
+        out.append(Variant(_fwd_kernel, dict(shared, M_OUT="*fp32", S_OUT="*fp32", A_OUT="*fp32", TGT_OUT="*fp32",
+                                             N=n, V=v, v_per_split=v_per_split, **consts), **opts))
+        rows = _chunk_rows(cfg, v, dtype.itemsize, kept)
+        vc = _vocab_chunk(cfg, v, rows, dtype.itemsize)
+        for width in sorted({min(vc, v), v % vc or min(vc, v)}, reverse=True):  # full slices and the last one
+            out.append(Variant(_dlogits_kernel, dict(shared, LSE="*fp32", G="*fp32", DZ=t, C=rows, V=width,
+                                                     stride_dz=width, GROUP_M=int(cfg["group_m"]), **consts),
+                               **opts))
+    return out
+
+
 __all__ = ["fused_linear_cross_entropy", "FusedLinearCrossEntropy", "FusedLinearCrossEntropyFunction",
            "fused_forward", "fused_backward", "TILE_CANDIDATES", "TILE_TABLE"]

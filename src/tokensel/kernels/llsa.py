@@ -629,4 +629,81 @@ if TRITON_AVAILABLE:
         tl.store(DPV + out, dv, mask=ok)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Launch variants (the AOT compile test, tokensel.kernels.aot)
+# ----------------------------------------------------------------------------------------------------
+
+# (block size B, head dim D): tl.dot at D 64 / 128 / 96 (not a power of 2: BLOCK_D 128, masked), and the
+# broadcast-sum path (USE_DOT off: B < 16) at D 12 (BLOCK_D 16, masked)
+AOT_SHAPES = {"b16d64": (16, 64), "b16d128": (16, 128), "b16d96": (16, 96), "b4d12": (4, 12)}
+# sequence length as a multiple of B^L: the coarsest level then has 1 token (BT at its minimum, the coarsest
+# top-K clamped to 1, n_top specialized to the constant 1, a ragged tail), 32 (BT 32) or 128 tokens (BT 64)
+AOT_LENGTHS = {"short": (1, -3), "mid": (32, -5), "long": (128, 0)}
+
+
+# constexprs the host passes with one value only (tokensel.kernels.aot checks every other bool takes both)
+AOT_SINGLE_VALUED = {"_llsa_dpkv_kernel": {"ENRICH": "launched only for enriched plans"},
+                     "_llsa_dtop_kernel": {"ENRICH": "launched only for enriched plans"}}
+
+
+def launch_variants() -> list:
+    """The launches `_forward` / `_backward_launch` make on a GPU, for `tokensel.kernels.aot` (the AOT compile
+    test), built with the host's helpers (`make_plan`, `_meta`, `_tiles`, `_dpkv_splits`, the top-level split
+    rule) at top_k 8 and the kernels' argument order; per plan: fwd, dq, dkv, and with enrichment one dpkv per
+    level below the top (split into fp32 partials where B^l > DPKV_ROWS_PER_SPLIT) and dtop.
+
+    Axes: dtype (bf16, fp16, fp32 with allow_tf32 off -> "ieee": BT 16 and 8 warps, and on -> "tf32"),
+    shape (`AOT_SHAPES`), levels 1-3, causal, enrich, length (`AOT_LENGTHS`: BT and the clamped top-K). Rows: a
+    pairwise covering design (`aot.pairwise`: every value pair of every two axes in some row) seeded with the
+    module defaults (B 16, levels 2, non-causal, enriched) at D 64 and 128 for bf16 and exact fp32, and one
+    enriched 3-level broadcast-path plan (the pooled dK/dV kernel without tl.dot).
+    """
+    import triton
+
+    from tokensel.kernels.aot import Variant, allow_tf32, pairwise, ptr
+
+    kern = _kernels()
+    dtypes = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32-ieee": (torch.float32, False),
+              "fp32-tf32": (torch.float32, True)}
+    axes = dict(dtype=list(dtypes), shape=list(AOT_SHAPES), levels=[1, 2, 3], causal=[False, True],
+                enrich=[True, False], length=list(AOT_LENGTHS))
+    seeds = [dict(dtype=d, shape=s, levels=2, causal=False, enrich=True, length="long")
+             for d in ("bf16", "fp32-ieee") for s in ("b16d64", "b16d128")]
+    seeds.append(dict(dtype="bf16", shape="b4d12", levels=3, causal=True, enrich=True, length="long"))  # dpkv, bcast
+    f32, i32 = "*fp32", "*i32"
+    out = []
+    for row in pairwise(axes, seeds):
+        dtype, tf32 = dtypes[row["dtype"]]
+        bs, d = AOT_SHAPES[row["shape"]]
+        levels = row["levels"]
+        mult, tail = AOT_LENGTHS[row["length"]]
+        plan = make_plan(mult * bs ** levels + tail, levels, bs, 8, row["causal"], row["enrich"])
+        with allow_tf32(tf32):
+            meta = _meta(plan, d, dtype)
+        bt, opts = _tiles(plan, meta)
+        opts = dict(num_warps=opts.get("num_warps", 4), num_stages=opts.get("num_stages", 3), tags=dict(row))
+        p = ptr(dtype)
+        n_top = plan.level_len(levels)
+        common = dict(n_valid=plan.n, n_pad=plan.n_pad, n2=plan.level_len(2) if levels >= 2 else 1,
+                      n3=plan.level_len(3) if levels >= 3 else 1, n_top=n_top, scale=d ** -0.5, **meta)
+        enr = dict(PKA=p, PVA=p, LWA=f32, PKB=p, PVB=p, LWB=f32, PKT=p, PVT=p, LWT=f32, SEL1=i32, SEL2=i32, SEL3=i32)
+        grads = dict(Q=p, DO=p, LSE=f32, DELTA=f32)
+        out.append(Variant(kern["fwd"], dict(common, Q=p, K=p, V=p, **enr, OUT=p, LSE=f32, BT=bt), **opts))
+        out.append(Variant(kern["dq"], dict(common, **grads, K=p, V=p, **enr, DQ=p, BT=bt), **opts))
+        out.append(Variant(kern["dkv"], dict(common, **grads, K=p, V=p, OFF=i32, QIDS=i32, DK=p, DV=p), **opts))
+        if plan.enrich:
+            for lvl in range(1, levels):
+                r_chunk, n_split = _dpkv_splits(bs ** lvl)
+                part = f32 if n_split > 1 else p
+                out.append(Variant(kern["dpkv"], dict(
+                    common, **grads, PK=p, PV=p, LW=f32, OFF=i32, QIDS=i32, DPK=part, DPV=part,
+                    n_lvl=plan.level_len(lvl), n_list=plan.level_len(lvl + 1) * plan.top_k[lvl], r_chunk=r_chunk,
+                    POW=bs ** lvl), **dict(opts, tags=dict(row, dpkv_level=lvl))))
+            n_split = max(1, min(plan.n_blocks, TOP_SPLITS))
+            chunk = triton.cdiv(plan.n_blocks, n_split)
+            out.append(Variant(kern["dtop"], dict(common, **grads, PK=p, PV=p, LW=f32, DPK=f32, DPV=f32, chunk=chunk,
+                                                  BT=bt), **opts))
+    return out
+
+
 __all__ = ["llsa_attention", "llsa_core", "llsa_core_triton", "llsa_reference"]

@@ -283,6 +283,30 @@ def unpack_tokens(packed: Tensor, layout: PackLayout, base: Tensor, backend: str
     return flat.view_as(base)
 
 
+# ---------------------------------------------------------------- launch variants (AOT compile test) --
+
+
+def launch_variants() -> list:
+    """The launches `gather_rows_triton` / `scatter_rows_triton` make, for `tokensel.kernels.aot` (the AOT compile
+    test): BLOCK_C from the host's `_grid` for row widths giving every value it can take (1 ... 128; width 1 is
+    also specialized to a constant, widths that are multiples of 16 get the divisibility attribute), the float
+    dtypes cycling over them (the kernels only move data: dtype changes the element width, no code path)."""
+    from tokensel.kernels.aot import Variant, ptr
+
+    gather, scatter = _triton_kernels()
+    out = []
+    for i, n_cols in enumerate((1, 2, 3, 8, 16, 24, 48, 100, 768)):
+        dtype = (torch.float32, torch.bfloat16, torch.float16)[i % 3]
+        n_rows = 4096 + (i % 2) * 7  # the packed / source row count; odd ones lose the divisibility attribute
+        _, block_c = _grid(n_rows, n_cols)
+        common = dict(src_ptr=ptr(dtype), idx_ptr="*i64", out_ptr=ptr(dtype), n_cols=n_cols, BLOCK_R=BLOCK_ROWS,
+                      BLOCK_C=block_c)
+        tags = dict(dtype=str(dtype).removeprefix("torch."), n_cols=n_cols, rows=n_rows)
+        out.append(Variant(gather, dict(common, n_out=n_rows), tags=tags))
+        out.append(Variant(scatter, dict(common, n_src=n_rows), tags=tags))
+    return out
+
+
 __all__ = [
     "PackLayout", "pack_layout", "pack_tokens", "unpack_tokens", "gather_rows", "scatter_rows",
     "gather_rows_reference", "scatter_rows_reference", "gather_rows_triton", "scatter_rows_triton",
