@@ -376,6 +376,15 @@ def test_tile_table_and_overrides():
         flce._config(torch.bfloat16, dict(group_m=0))
 
 
+def test_fp32_refuses_64_deep_tiles_on_gpu(monkeypatch):
+    """fp32 with block_k 64 exceeds the GPU's shared memory (tests/kernels/test_aot_compile.py measured it)."""
+    monkeypatch.setattr(flce, "INTERPRET", False)
+    assert flce._config(torch.float32, {}, 4096)["block_k"] == 32
+    with pytest.raises(ValueError, match="fp32 inputs need block_k <= 32"):
+        flce._config(torch.float32, dict(tiles="128x128x64_w8_s3"), 4096)
+    assert flce._config(torch.bfloat16, dict(tiles="128x128x64_w8_s3"), 4096)["block_k"] == 64
+
+
 # --------------------------------------------------------------------------------------------- GPU only
 
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")

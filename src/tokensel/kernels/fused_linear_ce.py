@@ -263,6 +263,11 @@ def _config(dtype: torch.dtype, overrides: dict, h: int | None = None) -> dict:
     for k in ("block_m", "block_v", "block_k"):
         if cfg[k] < 16 or cfg[k] & (cfg[k] - 1):
             raise ValueError(f"fused_linear_cross_entropy: {k}={cfg[k]} must be a power of 2 >= 16 (tl.dot, tl.arange)")
+    if dtype == torch.float32 and cfg["block_k"] > 32 and not INTERPRET:
+        # 4-byte tiles 64 deep need 192-288 KiB of shared memory (over sm_80's 163 KiB, and over sm_90's 227 KiB
+        # for 128x256 or 4 stages) and spill 10-40 KB in exact fp32: they fail or crawl on the GPU
+        raise ValueError(f"fused_linear_cross_entropy: fp32 inputs need block_k <= 32, got {cfg['block_k']}; use "
+                         "tiles='128x128x32_w8_s3' (the fp32 default) or 16-bit inputs")
     for k in ("group_m", "num_splits", "chunk_size", "vocab_chunk"):
         if cfg[k] is not None and int(cfg[k]) < 1:
             raise ValueError(f"fused_linear_cross_entropy: {k}={cfg[k]} must be >= 1")
@@ -598,9 +603,9 @@ def launch_variants() -> list:
     covering design (`aot.pairwise`) over all four axes: every tile meets every dtype, bias and softcap value.
 
     Not enumerated: fp32 with a BLOCK_K 64 candidate. The host never picks one (`TILE_TABLE[float32]` is the x32
-    tile); only an explicit `tiles=` does, and those are 16-bit tiles: their fp32 builds need 192-288 KiB of
-    shared memory (over sm_90's 227 KiB for 128x256 and 128x128 s4, over sm_80's 163 KiB for all three) and, in
-    exact fp32, spill 10-40 KB per thread (Triton 3.9). Free-form `block_*` / `num_*` / `group_m` overrides are
+    tile) and `_config` refuses one on a GPU: their fp32 builds need 192-288 KiB of shared memory (over
+    sm_90's 227 KiB for 128x256 and 128x128 s4, over sm_80's 163 KiB for all three) and, in exact fp32, spill
+    10-40 KB per thread (Triton 3.9). Free-form `block_*` / `num_*` / `group_m` overrides are
     the caller's choice and are not enumerated either (group_m: its default 8).
     """
     from tokensel.kernels.aot import Variant, allow_tf32, pairwise, ptr

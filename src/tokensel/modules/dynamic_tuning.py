@@ -105,8 +105,9 @@ class DynamicTuningDispatcher(nn.Module):
     Why calibrate: training keeps a token with probability `sigmoid(logit)` (logistic noise), inference
     when `logit > 0`. The rate loss fixes the *mean* of `sigmoid(logit)`, so a dispatcher that stays
     undecided (logits near +0.5 for every token) keeps ~60% in training but ~90% at inference: we saw
-    trained models keep 0.57 at r = 0.5 and 0.76 at r = 0.7 at inference. With `calibrate`, the offset is an EMA over training
-    batches of the `1 - mean(sigmoid(logit))` quantile of the logits, and inference keeps `logit > offset`;
+    trained models keep 0.57 at r = 0.5 and 0.76 at r = 0.7 at inference. With `calibrate`, the offset is an
+    EMA over training batches of the `1 - mean(sigmoid(logit))` quantile of the logits, and inference keeps
+    `logit > offset`;
     the per-token decisions stay data-dependent thresholds. It is a buffer, so checkpoints and exported
     models carry it. Not in the paper.
     """
