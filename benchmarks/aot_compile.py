@@ -22,18 +22,13 @@ import tempfile
 import time
 
 from tokensel.kernels.aot import default_workers, summary_table
+from tokensel.machine import cpu_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} logical cores visible (no GPU needed)"
+    return f"{cpu_model()}, {os.cpu_count()} logical cores visible (no GPU needed)"
 
 
 def main() -> int:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from tokensel.kernels import reference
+from tokensel.machine import cpu_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fused_ce.md"
 GPU_SHAPES = [(n, h, v) for n in (4096, 16384) for h in (2048, 4096) for v in (32000, 128256)]
@@ -261,13 +262,7 @@ def run(args) -> tuple[list[str], list[str]]:
 def machine(cuda: bool) -> str:
     if cuda:
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} logical cores visible, torch threads {torch.get_num_threads()}"
+    return f"{cpu_model()}, {os.cpu_count()} logical cores visible, torch threads {torch.get_num_threads()}"
 
 
 def versions() -> str:
