@@ -123,3 +123,86 @@ def test_pretrain_blocks_label_every_token(tmp_path):
     dm.setup()
     b = next(iter(dm.train_dataloader()))
     assert b["input_ids"].shape[1] == 16 and torch.equal(b["input_ids"], b["labels"])
+
+
+# ---------------------------------------------------------------- ShareGPT / alpaca / role_map
+
+
+def _labelled_texts(dm):
+    """(trained text, context text) of each sample, decoded."""
+    tok = dm.tokenizer
+    out = []
+    for s in (dm.train_set[i] for i in range(len(dm.train_set))):
+        ids, labels = s["input_ids"], s["labels"]
+        out.append((tok.decode([i for i, y in zip(ids, labels) if y != IGNORE]),
+                    tok.decode([i for i, y in zip(ids, labels) if y == IGNORE])))
+    return out
+
+
+def test_sharegpt_maps_speakers_and_trains_on_gpt_turns_only(tmp_path):
+    row = {"system": "Be brief.", "conversations": [
+        {"from": "human", "value": "a?"}, {"from": "gpt", "value": "one"},
+        {"from": "human", "value": "b?"}, {"from": "gpt", "value": "two"}]}
+    for fmt in ("sharegpt", "auto"):
+        dm, _ = _dm(tmp_path, [row], format=fmt)
+        dm.setup()
+        [(trained, context)] = _labelled_texts(dm)
+        assert trained == "one<|im_end|>\ntwo<|im_end|>\n"
+        assert "Be brief." in context and "a?" in context and "b?" in context and "one" not in context
+
+
+def test_sharegpt_role_map_extends_the_speaker_names(tmp_path):
+    row = {"conversations": [{"from": "client", "value": "hi"}, {"from": "agent", "value": "hello"}]}
+    dm, p = _dm(tmp_path, [row], format="sharegpt")
+    with pytest.raises(DataError, match=r"d.jsonl:1: message 0 has role 'client'.*role_map"):
+        dm.setup()
+    dm, _ = _dm(tmp_path, [row], format="sharegpt", role_map={"client": "user", "agent": "assistant"})
+    dm.setup()
+    assert _labelled_texts(dm)[0][0] == "hello<|im_end|>\n"
+
+
+def test_alpaca_joins_instruction_and_input_and_trains_on_output(tmp_path):
+    rows = [{"instruction": "Add.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Say hi.", "input": "", "output": "hi"}]
+    for fmt in ("alpaca", "auto"):
+        dm, _ = _dm(tmp_path, rows, format=fmt)
+        dm.setup()
+        (t1, c1), (t2, c2) = _labelled_texts(dm)
+        assert (t1, t2) == ("5<|im_end|>\n", "hi<|im_end|>\n")
+        assert "Add.\n\n2 and 3" in c1 and "Say hi.<|im_end|>" in c2  # an empty input adds nothing
+
+
+def test_messages_role_map_renames_roles(tmp_path):
+    row = {"messages": [{"role": "human", "content": "q"}, {"role": "bot", "content": "r"}]}
+    dm, _ = _dm(tmp_path, [row], role_map={"human": "user", "bot": "assistant"})
+    dm.setup()
+    assert _labelled_texts(dm)[0][0] == "r<|im_end|>\n"
+
+
+BAD_FORMATS = [
+    ("sharegpt", {"conversations": "hi"}, "d.jsonl:2: column 'conversations' must be a non-empty list"),
+    ("sharegpt", {"conversations": [{"from": "human"}]}, "d.jsonl:2: message 0 of 'conversations' needs string"),
+    ("sharegpt", {"conversations": [{"from": "human", "value": "x"}]}, "d.jsonl:2: no non-empty assistant"),
+    ("sharegpt", {"messages": []}, "d.jsonl:2: missing column 'conversations'"),
+    ("alpaca", {"instruction": "x"}, "d.jsonl:2: missing column 'output'"),
+    ("alpaca", {"instruction": "x", "input": 3, "output": "y"}, "d.jsonl:2: column 'input' must be a string"),
+    ("alpaca", {"instruction": "x", "output": " "}, "d.jsonl:2: empty response"),
+]
+
+
+@pytest.mark.parametrize("fmt,bad,msg", BAD_FORMATS, ids=[m.split(": ", 1)[1][:24] for _, _, m in BAD_FORMATS])
+def test_bad_sharegpt_and_alpaca_rows_name_file_line_and_problem(tmp_path, fmt, bad, msg):
+    good = {"sharegpt": {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+            "alpaca": {"instruction": "a", "output": "b"}}[fmt]
+    dm, _ = _dm(tmp_path, [good, bad, good], format=fmt)
+    with pytest.raises(DataError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        dm.setup()
+
+
+def test_bad_format_and_role_map_settings_are_config_errors():
+    from tokensel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.format='chatml'.*sharegpt, alpaca"):
+        SFTDataModule(format="chatml")
+    with pytest.raises(ConfigError, match=r"data.role_map=\{'bot': 'robot'\}"):
+        SFTDataModule(role_map={"bot": "robot"})

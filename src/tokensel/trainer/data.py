@@ -129,32 +129,88 @@ def _as_str(loc: str, row: dict, key: str, col: str) -> str:
     return v
 
 
-def parse_sft_row(loc: str, row, fmt: str, column_map: dict[str, str]) -> list[dict]:
-    """Validate one SFT row and return it as chat messages [{role, content}, ...]."""
+SFT_FORMATS = ("auto", "prompt_response", "messages", "sharegpt", "alpaca")
+# ShareGPT speaker names -> chat roles (LLaMA-Factory / FastChat conventions); `role_map` adds or overrides
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant")
+
+
+def _detect_format(row: dict, column_map: dict[str, str]) -> str:
+    """`format: auto`: messages if that column exists, else sharegpt (conversations), alpaca (instruction +
+    output), else prompt_response."""
+    if column_map.get("messages", "messages") in row:
+        return "messages"
+    if column_map.get("conversations", "conversations") in row:
+        return "sharegpt"
+    if column_map.get("instruction", "instruction") in row and column_map.get("output", "output") in row:
+        return "alpaca"
+    return "prompt_response"
+
+
+def _turns(loc: str, turns, col: str, role_key: str, text_key: str, role_map: dict[str, str]) -> list[dict]:
+    """A list of {role_key, text_key} objects -> [{role, content}], roles mapped and checked."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{loc}: column {col!r} must be a non-empty list of {{{role_key}, {text_key}}} objects")
+    out = []
+    for i, m in enumerate(turns):
+        if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(text_key), str):
+            raise DataError(f"{loc}: message {i} of {col!r} needs string {role_key!r} and {text_key!r} fields, "
+                            f"got {m!r:.80}")
+        role = role_map.get(m[role_key], m[role_key])
+        if role not in ROLES:
+            known = sorted(k for k, v in role_map.items() if v in ROLES)
+            raise DataError(f"{loc}: message {i} has role {m[role_key]!r}; use one of {known or list(ROLES)} or map "
+                            f"it with data.init_args.role_map (e.g. {{{m[role_key]}: assistant}})")
+        out.append({"role": role, "content": m[text_key]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+        raise DataError(f"{loc}: no non-empty assistant message, so nothing to train on")
+    return out
+
+
+def _system(row: dict, column_map: dict[str, str]) -> list[dict]:
+    scol = column_map.get("system", "system")
+    return [{"role": "system", "content": row[scol]}] if isinstance(row.get(scol), str) and row[scol] else []
+
+
+def parse_sft_row(loc: str, row, fmt: str, column_map: dict[str, str],
+                  role_map: dict[str, str] | None = None) -> list[dict]:
+    """Validate one SFT row and return it as chat messages [{role, content}, ...].
+
+    Formats: `messages` ([{role, content}]), `sharegpt` (`conversations`: [{from, value}], speakers mapped by
+    SHAREGPT_ROLES + `role_map`; a `system` column is prepended), `alpaca` (`instruction` + optional `input`,
+    joined by a blank line, is the prompt; `output` the response; optional `system`), `prompt_response`.
+    `column_map` renames any of these columns; `auto` picks by the columns present (`_detect_format`).
+    """
     if not isinstance(row, dict):
         raise DataError(f"{loc}: each row must be a JSON object, got {type(row).__name__}")
-    mcol = column_map.get("messages", "messages")
-    if fmt == "messages" or (fmt == "auto" and mcol in row):
-        msgs = row.get(mcol)
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{loc}: column {mcol!r} must be a non-empty list of {{role, content}} objects")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{loc}: message {i} needs string 'role' and 'content' fields, got {m!r:.80}")
-            if m["role"] not in ("system", "user", "assistant"):
-                raise DataError(f"{loc}: message {i} has role {m['role']!r}; use system, user or assistant")
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
-            raise DataError(f"{loc}: no non-empty assistant message, so nothing to train on")
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
-    prompt = _as_str(loc, row, "prompt", column_map.get("prompt", "prompt"))
-    response = _as_str(loc, row, "response", column_map.get("response", "response"))
+    role_map = dict(role_map or {})
+    if fmt == "auto":
+        fmt = _detect_format(row, column_map)
+    if fmt == "messages":
+        mcol = column_map.get("messages", "messages")
+        return _turns(loc, row.get(mcol), mcol, "role", "content", role_map)
+    if fmt == "sharegpt":
+        ccol = column_map.get("conversations", "conversations")
+        if ccol not in row:
+            raise DataError(f"{loc}: missing column {ccol!r} (format sharegpt); columns are {sorted(row)}; set "
+                            f"data.column_map.conversations to the right name")
+        turns = _turns(loc, row[ccol], ccol, "from", "value", {**SHAREGPT_ROLES, **role_map})
+        return (_system(row, column_map) if turns[0]["role"] != "system" else []) + turns
+    if fmt == "alpaca":
+        instruction = _as_str(loc, row, "instruction", column_map.get("instruction", "instruction"))
+        icol = column_map.get("input", "input")
+        extra = row.get(icol)
+        if extra is not None and not isinstance(extra, str):
+            raise DataError(f"{loc}: column {icol!r} must be a string, got {type(extra).__name__}")
+        prompt = f"{instruction}\n\n{extra}" if extra else instruction
+        response = _as_str(loc, row, "output", column_map.get("output", "output"))
+    else:
+        prompt = _as_str(loc, row, "prompt", column_map.get("prompt", "prompt"))
+        response = _as_str(loc, row, "response", column_map.get("response", "response"))
     if not response.strip():
         raise DataError(f"{loc}: empty response, so nothing to train on")
-    msgs = []
-    scol = column_map.get("system", "system")
-    if isinstance(row.get(scol), str) and row[scol]:
-        msgs.append({"role": "system", "content": row[scol]})
-    return msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    return _system(row, column_map) + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
 def tokenize_chat(tokenizer, messages: list[dict], max_length: int) -> dict | None:
@@ -513,8 +569,12 @@ class SFTDataModule(TextDataModule):
     Args:
         train_files: JSONL / JSON / parquet files or saved HF dataset folders. Empty = the embedded
             GSM-style math set (600 problems made with reasoning-gym's `gsm_symbolic`, shipped in the package).
-        format: "prompt_response" (columns named by `column_map`), "messages" (chat lists), or "auto".
-        column_map: e.g. `{prompt: question, response: answer}`; keys prompt, response, system, messages.
+        format: "prompt_response" (columns named by `column_map`), "messages" (chat lists), "sharegpt"
+            (`conversations` of {from, value}), "alpaca" (instruction / input / output), or "auto" (by columns).
+        column_map: e.g. `{prompt: question, response: answer}`; keys prompt, response, system, messages,
+            conversations, instruction, input, output.
+        role_map: speaker or role names -> system / user / assistant, e.g. `{bot: assistant}`; for sharegpt it
+            extends the usual names (human, gpt, ...), for messages it maps non-standard roles.
         packing: pack several samples per row (block-diagonal mask) instead of padding each.
         (the rest: see `TextDataModule`) tokenizer (default: the model's), max_length, batch_size,
         val_fraction / val_files, on_bad_row ("error" stops at the first bad row with file:line; "skip"
@@ -522,13 +582,18 @@ class SFTDataModule(TextDataModule):
     """
 
     def __init__(self, train_files: list[str] | None = None,
-                 format: Literal["auto", "prompt_response", "messages"] = "auto",
-                 column_map: dict[str, str] | None = None, packing: bool = False, **kwargs) -> None:
+                 format: Literal["auto", "prompt_response", "messages", "sharegpt", "alpaca"] = "auto",
+                 column_map: dict[str, str] | None = None, role_map: dict[str, str] | None = None,
+                 packing: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
-        if format not in ("auto", "prompt_response", "messages"):
-            raise ConfigError(f"data.format={format!r}: use auto, prompt_response or messages")
+        if format not in SFT_FORMATS:
+            raise ConfigError(f"data.format={format!r}: use one of {', '.join(SFT_FORMATS)}")
+        bad = {k: v for k, v in (role_map or {}).items() if v not in ROLES}
+        if bad:
+            raise ConfigError(f"data.role_map={bad}: roles map to one of {list(ROLES)}")
         self.train_files = [train_files] if isinstance(train_files, str) else list(train_files or [])
         self.format, self.column_map, self.packing = format, dict(column_map or {}), packing
+        self.role_map = dict(role_map or {})
 
     def train_paths(self) -> list[str]:
         return self.train_files or [EMBEDDED_SFT]
@@ -538,7 +603,8 @@ class SFTDataModule(TextDataModule):
 
         def parse(loc, row):
             nonlocal dropped
-            s = tokenize_chat(tok, parse_sft_row(loc, row, self.format, self.column_map), self.max_length)
+            msgs = parse_sft_row(loc, row, self.format, self.column_map, self.role_map)
+            s = tokenize_chat(tok, msgs, self.max_length)
             dropped += s is None
             return s
         out = _collect(paths, parse, self.on_bad_row)
