@@ -70,7 +70,7 @@ def save_hf(model, out_dir: str | Path, dtype: str | None = None, remote_code: s
     """`model.save_pretrained(out_dir)` with the weights in `dtype` and, for `remote_code`, the model code."""
     torch_dtype = export_dtype(dtype)
     config = model.config
-    saved = {k: getattr(config, k) for k in ("auto_map", "dtype") if hasattr(config, k)}
+    had_map, old_map = hasattr(config, "auto_map"), getattr(config, "auto_map", None)
     if remote_code is not None:
         files, auto_map = REMOTE_CODE[remote_code]
         config.auto_map = dict(auto_map)
@@ -79,11 +79,10 @@ def save_hf(model, out_dir: str | Path, dtype: str | None = None, remote_code: s
     try:
         model.save_pretrained(str(out_dir), **save_kwargs)
     finally:  # the live model keeps its own config
-        for key in ("auto_map", "dtype"):
-            if key in saved:
-                setattr(config, key, saved[key])
-            elif hasattr(config, key):
-                delattr(config, key)
+        if had_map:
+            config.auto_map = old_map
+        elif hasattr(config, "auto_map"):
+            del config.auto_map
     if torch_dtype is not None:  # save_pretrained records the live model's dtype; record the written one
         path = Path(out_dir) / "config.json"
         written = json.loads(path.read_text())
