@@ -206,3 +206,65 @@ def test_bad_format_and_role_map_settings_are_config_errors():
         SFTDataModule(format="chatml")
     with pytest.raises(ConfigError, match=r"data.role_map=\{'bot': 'robot'\}"):
         SFTDataModule(role_map={"bot": "robot"})
+
+
+# ---------------------------------------------------------------- train_on, chat_template, rewriting templates
+
+TWO_TURNS = [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "one"},
+             {"role": "user", "content": "b?"}, {"role": "assistant", "content": "two"}]
+PLAIN = ("{% for m in messages %}<|im_start|>{{ m.role }}: {{ m.content }}<|im_end|>{% endfor %}"
+         "{% if add_generation_prompt %}<|im_start|>assistant:{% endif %}")
+# Qwen3-style: a past assistant turn loses its thinking block once a later turn exists
+THINKING = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
+            "{% if m.role == 'assistant' and not loop.last and '</think>' in m.content %}"
+            "{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _trained(tok, s):
+    return tok.decode([i for i, y in zip(s["input_ids"], s["labels"]) if y != IGNORE])
+
+
+def test_train_on_last_assistant_and_all(tok):
+    assert _trained(tok, tokenize_chat(tok, TWO_TURNS, 256)) == "one<|im_end|>\ntwo<|im_end|>\n"
+    assert _trained(tok, tokenize_chat(tok, TWO_TURNS, 256, train_on="last_assistant")) == "two<|im_end|>\n"
+    s = tokenize_chat(tok, TWO_TURNS, 256, train_on="all")
+    assert s["labels"] == s["input_ids"] and "a?" in tok.decode(s["input_ids"])
+
+
+def test_chat_template_string_and_file_override_the_tokenizers(tok, tmp_path):
+    s = tokenize_chat(tok, TWO_TURNS, 256, chat_template=PLAIN)
+    assert tok.decode(s["input_ids"]) == \
+        "<|im_start|>user: a?<|im_end|><|im_start|>assistant: one<|im_end|><|im_start|>user: b?<|im_end|>" \
+        "<|im_start|>assistant: two<|im_end|>"
+    assert _trained(tok, s) == " one<|im_end|> two<|im_end|>"
+    (tmp_path / "t.jinja").write_text(PLAIN)
+    dm, _ = _dm(tmp_path, [{"messages": TWO_TURNS}], chat_template=str(tmp_path / "t.jinja"), train_on="last_assistant")
+    dm.setup()
+    assert _labelled_texts(dm)[0][0] == " two<|im_end|>"
+
+
+def test_template_that_rewrites_past_turns_falls_back_to_the_last_turn_once(tok, caplog):
+    import tokensel.trainer.data as data
+
+    data._WARNED.discard("template-fallback")
+    msgs = [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "<think>hmm</think>one"},
+            {"role": "user", "content": "b?"}, {"role": "assistant", "content": "<think>so</think>two"}]
+    with caplog.at_level("WARNING", logger="tokensel.trainer.data"):
+        s1 = tokenize_chat(tok, msgs, 256, chat_template=THINKING)
+        s2 = tokenize_chat(tok, msgs, 256, chat_template=THINKING)
+    assert _trained(tok, s1) == "<think>so</think>two<|im_end|>\n" and s1 == s2
+    assert "hmm" not in tok.decode(s1["input_ids"])  # the past turn is rendered as the template wants
+    assert sum("only the last assistant turn" in r.message for r in caplog.records) == 1
+    one_turn = msgs[:2]  # a single turn is consistent: no fallback needed
+    assert _trained(tok, tokenize_chat(tok, one_turn, 256, chat_template=THINKING)) == \
+        "<think>hmm</think>one<|im_end|>\n"
+
+
+def test_bad_train_on_and_missing_template_file_are_config_errors():
+    from tokensel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.train_on='prompt'"):
+        SFTDataModule(train_on="prompt")
+    with pytest.raises(ConfigError, match="data.chat_template='nope.jinja': no such file"):
+        SFTDataModule(chat_template="nope.jinja")

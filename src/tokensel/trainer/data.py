@@ -129,6 +129,18 @@ def _as_str(loc: str, row: dict, key: str, col: str) -> str:
     return v
 
 
+def _read_template(spec: str | None) -> str | None:
+    """`chat_template`: a template string, or a path to a file holding one."""
+    if spec is None:
+        return None
+    if "{" not in spec:  # not Jinja: a file name
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"data.chat_template={spec!r}: no such file, and not a Jinja template string")
+        return path.read_text(encoding="utf-8")
+    return spec
+
+
 SFT_FORMATS = ("auto", "prompt_response", "messages", "sharegpt", "alpaca")
 # ShareGPT speaker names -> chat roles (LLaMA-Factory / FastChat conventions); `role_map` adds or overrides
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
@@ -213,38 +225,76 @@ def parse_sft_row(loc: str, row, fmt: str, column_map: dict[str, str],
     return _system(row, column_map) + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
-def tokenize_chat(tokenizer, messages: list[dict], max_length: int) -> dict | None:
-    """Token ids with labels on assistant tokens only; None if truncation leaves no labelled token.
+TRAIN_ON = ("assistant", "last_assistant", "all")
+_WARNED: set[str] = set()
 
-    With a chat template, each assistant turn's span is the difference between the template rendered
-    up to the turn (with the generation prompt) and through it, so system/user text and the template's
-    role headers never get a label. Without one, turns are joined with newlines and the response ends
-    with the EOS token.
-    """
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(msg)
+
+
+def _label_turns(render, messages: list[dict], turns: list[int]) -> tuple[list[int], list[int]] | None:
+    """Ids and labels with the assistant turns `turns` labelled: each one's span is the template rendered
+    through it minus the template rendered up to it with the generation prompt. None when the template is not
+    prefix-consistent (rendering more turns changes the tokens of earlier ones)."""
     ids: list[int] = []
     labels: list[int] = []
-    if getattr(tokenizer, "chat_template", None):
+    for i in turns:
+        before, through = render(messages[:i], True), render(messages[: i + 1], False)
+        if through[: len(before)] != before or before[: len(ids)] != ids:
+            return None
+        labels += [IGNORE] * (len(before) - len(ids)) + through[len(before):]
+        ids = through
+    tail = render(messages, False)
+    if tail[: len(ids)] != ids:
+        return None
+    return tail, labels + [IGNORE] * (len(tail) - len(ids))  # later non-labelled turns: context only
+
+
+def tokenize_chat(tokenizer, messages: list[dict], max_length: int, train_on: str = "assistant",
+                  chat_template: str | None = None, template_kwargs: dict | None = None) -> dict | None:
+    """Token ids with labels on the trained tokens; None if truncation leaves no labelled token.
+
+    `train_on`: "assistant" (every assistant turn), "last_assistant" (the last one only) or "all" (every token).
+    With a chat template (`chat_template` overrides the tokenizer's; `template_kwargs` go to
+    `apply_chat_template`), each assistant turn's span is the difference between the template rendered up to
+    the turn (with the generation prompt) and through it, so system/user text and the template's role headers
+    never get a label. A template that rewrites earlier turns once later ones exist (Qwen3-style thinking
+    blocks dropped from past assistant turns) cannot label every turn that way: then the last assistant turn
+    alone is labelled, with one warning per run. Without a template, turns are joined with newlines and each
+    response ends with the EOS token.
+    """
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = assistants[-1:] if train_on == "last_assistant" else assistants
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if template:
         def render(msgs, gen):
-            out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+            out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen,
+                                                chat_template=template, **(template_kwargs or {}))
             return list(out["input_ids"]) if isinstance(out, dict) or hasattr(out, "keys") else list(out)
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before, through = render(messages[:i], True), render(messages[: i + 1], False)
-            if through[: len(before)] != before or before[: len(ids)] != ids:
-                raise ConfigError("the tokenizer's chat template is not prefix-consistent; use data.format "
-                                  "prompt_response with a tokenizer without chat_template")
-            labels += [IGNORE] * (len(before) - len(ids)) + through[len(before):]
-            ids = through
-        tail = render(messages, False)[len(ids):]  # trailing non-assistant turns: context only
-        ids, labels = ids + tail, labels + [IGNORE] * len(tail)
+        got = _label_turns(render, messages, turns)
+        if got is None and len(turns) > 1:
+            _warn_once("template-fallback", "tokensel data: the chat template rewrites earlier turns once later "
+                       "ones exist (e.g. it drops thinking blocks from past assistant turns), so only the last "
+                       "assistant turn of each multi-turn sample is labelled (as data.train_on: last_assistant)")
+            got = _label_turns(render, messages, assistants[-1:])
+        if got is None:
+            raise ConfigError("the chat template is not prefix-consistent even for the last assistant turn; set "
+                              "data.init_args.chat_template to one that is, or use data.format prompt_response "
+                              "with a tokenizer without a chat template")
+        ids, labels = got
     else:
+        ids, labels = [], []
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        for m in messages:
+        for i, m in enumerate(messages):
             piece = tokenizer(m["content"] + ("" if m["role"] == "assistant" else "\n"), add_special_tokens=False)
             piece = list(piece["input_ids"]) + (eos if m["role"] == "assistant" else [])
             ids += piece
-            labels += piece if m["role"] == "assistant" else [IGNORE] * len(piece)
+            labels += piece if i in turns else [IGNORE] * len(piece)
+    if train_on == "all":
+        labels = list(ids)
     ids, labels = ids[:max_length], labels[:max_length]
     if all(x == IGNORE for x in labels[1:]):
         return None
@@ -575,6 +625,9 @@ class SFTDataModule(TextDataModule):
             conversations, instruction, input, output.
         role_map: speaker or role names -> system / user / assistant, e.g. `{bot: assistant}`; for sharegpt it
             extends the usual names (human, gpt, ...), for messages it maps non-standard roles.
+        train_on: which tokens train: "assistant" (every assistant turn), "last_assistant", or "all".
+        chat_template: a Jinja chat template (a string, or a path to a .jinja file) used instead of the
+            tokenizer's; chat_template_kwargs: extra variables for it (e.g. `{enable_thinking: false}`).
         packing: pack several samples per row (block-diagonal mask) instead of padding each.
         (the rest: see `TextDataModule`) tokenizer (default: the model's), max_length, batch_size,
         val_fraction / val_files, on_bad_row ("error" stops at the first bad row with file:line; "skip"
@@ -584,8 +637,14 @@ class SFTDataModule(TextDataModule):
     def __init__(self, train_files: list[str] | None = None,
                  format: Literal["auto", "prompt_response", "messages", "sharegpt", "alpaca"] = "auto",
                  column_map: dict[str, str] | None = None, role_map: dict[str, str] | None = None,
+                 train_on: Literal["assistant", "last_assistant", "all"] = "assistant",
+                 chat_template: str | None = None, chat_template_kwargs: dict | None = None,
                  packing: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
+        if train_on not in TRAIN_ON:
+            raise ConfigError(f"data.train_on={train_on!r}: use one of {', '.join(TRAIN_ON)}")
+        self.train_on, self.chat_template_kwargs = train_on, dict(chat_template_kwargs or {})
+        self.chat_template = _read_template(chat_template)
         if format not in SFT_FORMATS:
             raise ConfigError(f"data.format={format!r}: use one of {', '.join(SFT_FORMATS)}")
         bad = {k: v for k, v in (role_map or {}).items() if v not in ROLES}
@@ -604,7 +663,8 @@ class SFTDataModule(TextDataModule):
         def parse(loc, row):
             nonlocal dropped
             msgs = parse_sft_row(loc, row, self.format, self.column_map, self.role_map)
-            s = tokenize_chat(tok, msgs, self.max_length)
+            s = tokenize_chat(tok, msgs, self.max_length, self.train_on, self.chat_template,
+                              self.chat_template_kwargs)
             dropped += s is None
             return s
         out = _collect(paths, parse, self.on_bad_row)
