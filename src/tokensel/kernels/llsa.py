@@ -290,7 +290,8 @@ def _backward_launch(do, q, k, v, o, lse, pks, pvs, sels, plan: LLSAPlan, scale:
 # All tensors are contiguous rows `[B*H, n, D]`; one program owns one output tile (no atomics).
 # ----------------------------------------------------------------------------------------------------
 
-_JIT_HELPERS = ("_mm_nt", "_mm_nn", "_mm_tn", "_load_rows", "_slot_rows", "_fine_scores", "_pooled_scores",
+_JIT_HELPERS = ("_mm_nt", "_mm_nn", "_mm_tn", "_load_rows", "_slot_rows", "_pooled_slot", "_fine_scores",
+                "_pooled_scores",
                 "_online_update", "_dq_update", "_dkv_update")
 _JIT_KERNELS = {"fwd": "_llsa_fwd_kernel", "dq": "_llsa_dq_kernel", "dkv": "_llsa_dkv_kernel",
                 "dpkv": "_llsa_dpkv_kernel", "dtop": "_llsa_dtop_kernel"}
@@ -344,6 +345,14 @@ if TRITON_AVAILABLE:
         reads block 0 under an all-false mask, so the gathered loads stay in the loop body and pipeline."""
         ok = (offs_b * 0 + slot) >= 0  # broadcast first: the interpreter rejects a block & scalar mask
         return tl.maximum(slot, 0) * BS + offs_b, ok
+
+    def _pooled_slot(slot, offs_b, PK, PV, LW, offs_d, D: tl.constexpr, BS: tl.constexpr):
+        """One selected block of pooled keys (enrichment level 1 or 2): (token ids, mask, keys, values,
+        log-weights), masked and -inf for an empty slot."""
+        offs_t, ok = _slot_rows(slot, offs_b, BS)
+        kt = _load_rows(PK, offs_t, ok, offs_d, D)
+        vt = _load_rows(PV, offs_t, ok, offs_d, D)
+        return offs_t, ok, kt, vt, tl.load(LW + offs_t, mask=ok, other=float("-inf"))
 
     def _fine_scores(q, kt, offs_m, offs_n, key_ok, n_valid, scale, CAUSAL: tl.constexpr, USE_DOT: tl.constexpr,
                      PRECISION: tl.constexpr):
@@ -422,20 +431,18 @@ if TRITON_AVAILABLE:
             if LEVELS >= 2:
                 anc = qb // POW1
                 for j in range(K2):
-                    offs_t, ok = _slot_rows(tl.load(SEL2 + (bh * n2 + anc) * K2 + j), offs_b, BS)
-                    kt = _load_rows(PKA + bh * n1 * D, offs_t, ok, offs_d, D)
-                    vt = _load_rows(PVA + bh * n1 * D, offs_t, ok, offs_d, D)
-                    lw = tl.load(LWA + offs_t, mask=ok, other=float("-inf"))
+                    offs_t, ok, kt, vt, lw = _pooled_slot(tl.load(SEL2 + (bh * n2 + anc) * K2 + j), offs_b,
+                                                          PKA + bh * n1 * D, PVA + bh * n1 * D, LWA,
+                                                          offs_d, D, BS)
                     s = _pooled_scores(q, kt, lw, offs_m, offs_t, ok, POW1, scale, CAUSAL, USE_DOT, PRECISION)
                     acc, m_i, l_i = _online_update(acc, m_i, l_i, s, vt, USE_DOT, PRECISION)
             # level-2 pooled keys under the level-3 blocks kept by the level-3 ancestor
             if LEVELS >= 3:
                 anc3 = qb // POW2
                 for j in range(K3):
-                    offs_t, ok = _slot_rows(tl.load(SEL3 + (bh * n3 + anc3) * K3 + j), offs_b, BS)
-                    kt = _load_rows(PKB + bh * n2 * D, offs_t, ok, offs_d, D)
-                    vt = _load_rows(PVB + bh * n2 * D, offs_t, ok, offs_d, D)
-                    lw = tl.load(LWB + offs_t, mask=ok, other=float("-inf"))
+                    offs_t, ok, kt, vt, lw = _pooled_slot(tl.load(SEL3 + (bh * n3 + anc3) * K3 + j), offs_b,
+                                                          PKB + bh * n2 * D, PVB + bh * n2 * D, LWB,
+                                                          offs_d, D, BS)
                     s = _pooled_scores(q, kt, lw, offs_m, offs_t, ok, POW2, scale, CAUSAL, USE_DOT, PRECISION)
                     acc, m_i, l_i = _online_update(acc, m_i, l_i, s, vt, USE_DOT, PRECISION)
             # 3) every pooled key of the coarsest level
@@ -484,19 +491,17 @@ if TRITON_AVAILABLE:
             if LEVELS >= 2:
                 anc = qb // POW1
                 for j in range(K2):
-                    offs_t, ok = _slot_rows(tl.load(SEL2 + (bh * n2 + anc) * K2 + j), offs_b, BS)
-                    kt = _load_rows(PKA + bh * n1 * D, offs_t, ok, offs_d, D)
-                    vt = _load_rows(PVA + bh * n1 * D, offs_t, ok, offs_d, D)
-                    lw = tl.load(LWA + offs_t, mask=ok, other=float("-inf"))
+                    offs_t, ok, kt, vt, lw = _pooled_slot(tl.load(SEL2 + (bh * n2 + anc) * K2 + j), offs_b,
+                                                          PKA + bh * n1 * D, PVA + bh * n1 * D, LWA,
+                                                          offs_d, D, BS)
                     s = _pooled_scores(q, kt, lw, offs_m, offs_t, ok, POW1, scale, CAUSAL, USE_DOT, PRECISION)
                     dq = _dq_update(dq, s, do, lse, delta, kt, vt, scale, USE_DOT, PRECISION)
             if LEVELS >= 3:
                 anc3 = qb // POW2
                 for j in range(K3):
-                    offs_t, ok = _slot_rows(tl.load(SEL3 + (bh * n3 + anc3) * K3 + j), offs_b, BS)
-                    kt = _load_rows(PKB + bh * n2 * D, offs_t, ok, offs_d, D)
-                    vt = _load_rows(PVB + bh * n2 * D, offs_t, ok, offs_d, D)
-                    lw = tl.load(LWB + offs_t, mask=ok, other=float("-inf"))
+                    offs_t, ok, kt, vt, lw = _pooled_slot(tl.load(SEL3 + (bh * n3 + anc3) * K3 + j), offs_b,
+                                                          PKB + bh * n2 * D, PVB + bh * n2 * D, LWB,
+                                                          offs_d, D, BS)
                     s = _pooled_scores(q, kt, lw, offs_m, offs_t, ok, POW2, scale, CAUSAL, USE_DOT, PRECISION)
                     dq = _dq_update(dq, s, do, lse, delta, kt, vt, scale, USE_DOT, PRECISION)
             for t0 in range(0, n_top, BT):
