@@ -110,7 +110,7 @@ class TokenselTrainer(Trainer):
                  on_nonfinite: Literal["stop", "skip"] = "stop", summary_every_n_steps: int | None = None,
                  **kwargs) -> None:
         _check_trainer_nulls(kwargs)
-        # Our ResumableSampler shards each global batch across ranks itself (see data.py); Lightning's
+        # Our ResumableSampler shards each global batch across ranks itself (see data/sampler.py); Lightning's
         # DistributedSampler wrapping would reorder it, so it is off by default.
         kwargs["use_distributed_sampler"] = use_distributed_sampler
         from tokensel.trainer.strategies import cpu_strategy_for

@@ -1,0 +1,55 @@
+"""Seeded, resumable, rank-sharded sampling."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """Seeded per-epoch permutation that can start mid-epoch, sharded across data-parallel ranks.
+
+    The module stores (epoch, batches done) in its checkpoints and calls `fast_forward` on resume, so a
+    resumed run sees exactly the batches an uninterrupted run would have seen.
+
+    With `world_size` W > 1 every rank draws the same permutation and cuts it into global batches of
+    `batch_size * W`; rank r takes the r-th `batch_size` slice of each. So W processes with batch size B see
+    exactly the global batches of one process with batch size W * B (the 1-process run's batch g is the
+    concatenation of the ranks' batches g). The permutation is padded by wrapping around to a whole number
+    of global batches, so every rank runs the same number of steps (no rank waits forever in a collective).
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.n, self.shuffle, self.seed, self.batch_size = n, shuffle, seed, batch_size
+        self.rank, self.world_size = rank, max(1, world_size)
+        self.epoch, self.skip_batches = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def fast_forward(self, epoch: int, batches_done: int) -> None:
+        self.epoch, self.skip_batches = epoch, batches_done
+
+    def _order(self) -> list[int]:
+        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+                 if self.shuffle else list(range(self.n)))
+        if self.world_size == 1:
+            return order
+        gb = self.batch_size * self.world_size
+        total = -(-self.n // gb) * gb
+        order = (order * (-(-total // max(1, self.n))))[:total]  # wrap around: equal steps on every rank
+        mine = []
+        for g in range(0, total, gb):
+            mine += order[g + self.rank * self.batch_size: g + (self.rank + 1) * self.batch_size]
+        return mine
+
+    def __iter__(self):
+        order = self._order()
+        start, self.skip_batches = self.skip_batches * self.batch_size, 0
+        return iter(order[start:])
+
+    def __len__(self) -> int:
+        if self.world_size == 1:
+            return self.n
+        return -(-self.n // (self.batch_size * self.world_size)) * self.batch_size
+
