@@ -34,7 +34,6 @@ both registered with the transformers Auto classes on import of this module:
 from __future__ import annotations
 
 import argparse
-import gzip
 import math
 import os
 from pathlib import Path
@@ -56,6 +55,7 @@ from tokensel.modules.modeling_llsa_dit import (
     PixelDiT,
 )
 from tokensel.trainer.export import save_hf
+from tokensel.trainer.idx import read_idx
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -168,25 +168,6 @@ class FlowMatchingDiT(LightningModule):
 # ----------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------
-
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (optionally .gz), the MNIST / Fashion-MNIST format: header, big-endian dims, data."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{path}: not an IDX file (bad magic number {raw[:4].hex()})")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, dtype=np.dtype(_IDX_DTYPES[raw[2]]), offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} but the file holds {data.size} values (truncated?)")
-    return data.reshape(dims)
-
 
 def synthetic_shapes(num: int, size: int = 28, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Procedural 28x28 uint8 images in 10 classes (5 shape kinds x 2 brightness), for tests and offline runs."""

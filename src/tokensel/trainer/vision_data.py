@@ -20,7 +20,6 @@ Small images stay uint8 in memory at their native size; each batch is resized on
 
 from __future__ import annotations
 
-import gzip
 import logging
 import math
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from tokensel.errors import ConfigError, DataError
+from tokensel.trainer.idx import read_idx
 
 log = logging.getLogger(__name__)
 DATASETS = ("fashion_mnist", "mnist", "folder", "hf", "synthetic")
@@ -83,16 +83,6 @@ class LazyImages(Dataset):
 
 
 # ---------------------------------------------------------------- sources -----------------------------
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (optionally gzipped): uint8 images `[N, H, W]` or labels `[N]`."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def load_fashion_mnist(path: str | None) -> tuple[ArrayImages, ArrayImages]:
