@@ -18,6 +18,12 @@ try:
 except ImportError:  # pragma: no cover
     pass
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tokenised data is cached per fingerprint (trainer/data/cache.py); tests use a fresh cache of their own, shared
+# by the CLI subprocesses they start, never the user's ~/.cache/tokensel/data
+if "TOKENSEL_DATA_CACHE" not in os.environ:
+    import tempfile as _tempfile
+
+    os.environ["TOKENSEL_DATA_CACHE"] = _tempfile.mkdtemp(prefix="tokensel-test-data-")
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LM = ROOT / "tests" / "integration" / "tiny" / "_lm.yaml"
 

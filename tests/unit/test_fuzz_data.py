@@ -57,16 +57,19 @@ def _check(cls, build, path: Path, located: bool = True):
     return out
 
 
-def _sft(tok, path, **kw):
-    dm = SFTDataModule(train_files=[str(path)], max_length=64, batch_size=2, val_fraction=0.0, **kw)
+def _build(cls, tok, path, **kw):
+    # the module checks its entries when it is made (a missing file stops the run before anything loads)
+    dm = cls(train_files=[str(path)], batch_size=2, val_fraction=0.0, **kw)
     dm._tokenizer = tok
-    return lambda: dm.build_samples([str(path)])
+    return dm.build_samples([str(path)])
+
+
+def _sft(tok, path, **kw):
+    return lambda: _build(SFTDataModule, tok, path, max_length=64, **kw)
 
 
 def _pretrain(tok, path, **kw):
-    dm = PretrainDataModule(train_files=[str(path)], max_length=8, batch_size=2, val_fraction=0.0, **kw)
-    dm._tokenizer = tok
-    return lambda: dm.build_samples([str(path)])
+    return lambda: _build(PretrainDataModule, tok, path, max_length=8, **kw)
 
 
 def _write(name: str, data: bytes) -> Path:

@@ -587,6 +587,21 @@ class SelectiveLM(LightningModule):
         self.log("val/loss", mean, prog_bar=True, batch_size=int(n))
         self.log("val/ppl", torch.exp(mean), batch_size=int(n))
         self.log("val/token_acc", self._token_accuracy(batch, valid), batch_size=int(n))
+        self._log_per_source(loss_tok, valid, batch)
+
+    def _log_per_source(self, loss_tok: Tensor, valid: Tensor, batch: dict) -> None:
+        """`val/loss/<source>` for each validation source of a multi-source run (token-weighted over the epoch,
+        like val/loss): a mixture's sources are judged one by one, not only through their blend."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(dm, "val_source_names", None) or []
+        if len(names) < 2 or "source_index" not in batch:
+            return
+        src = batch["source_index"]
+        for s, name in enumerate(names):
+            m = valid & (src == s)
+            k = int(m.sum())
+            if k:
+                self.log(f"val/loss/{name}", loss_tok[m].sum() / k, batch_size=k)
 
     def _token_accuracy(self, batch: dict, valid: Tensor) -> Tensor:
         """Greedy next-token accuracy, argmax computed chunk by chunk (no full logits)."""

@@ -107,9 +107,10 @@ def file_identity(path: str, content: bool = True) -> dict:
 
 
 # data settings that change the samples' ids or tokens (compared); the others are recorded only
-DATA_COMPARED = ("kind", "max_length", "format", "column_map", "text_column")
+DATA_COMPARED = ("kind", "max_length", "format", "column_map", "role_map", "train_on", "chat_template_kwargs",
+                 "text_column", "split")
 DATA_RECORDED = ("packing", "max_samples", "val_fraction", "val_files", "seed", "on_bad_row",
-                 "reference_fraction", "split_part")
+                 "reference_fraction", "split_part", "train_files")
 
 
 def data_identity(dm, content: bool = True) -> dict:
@@ -150,7 +151,7 @@ def fingerprint_differences(cached: dict, run: dict, compare_model: bool) -> lis
     cd, rd = cached.get("data"), run.get("data")
     if cd is not None and rd is not None:
         for k in DATA_COMPARED:
-            if cd.get(k) != rd.get(k):
+            if k in cd and cd.get(k) != rd.get(k):  # (a cache from before a setting existed: not compared)
                 diffs.append(f"data.{k}: cache {cd.get(k)!r}, run {rd.get(k)!r}")
         cf, rf = cd.get("files", []), rd.get("files", [])
         if len(cf) != len(rf):

@@ -10,8 +10,8 @@ Malformed rows stop the run with the file, line and problem (`on_bad_row: error`
 counted (`on_bad_row: skip`).
 
 The package: `sources` (reading rows with their locations), `formats` (SFT formats, chat templates, labels),
-`packing` (collates and the packed attention mask), `sampler` (resumable sampling), `modules` (the shared
-DataModule and SFT), `pretrain` (pretraining text).
+`packing` (collates and the packed attention mask), `sampler` (resumable and mixture sampling), `cache`
+(tokenise once), `shards` (memory-mapped token shards), `modules` (the shared DataModule), `sft` and `pretrain`.
 """
 
 from tokensel.trainer.data.formats import (
@@ -24,7 +24,7 @@ from tokensel.trainer.data.formats import (
                                            parse_sft_row,
                                            tokenize_chat,
 )
-from tokensel.trainer.data.modules import SFTDataModule, TextDataModule, TokenizedDataset
+from tokensel.trainer.data.modules import SampleView, TextDataModule, TokenizedDataset
 from tokensel.trainer.data.packing import (
                                            PACKED_ATTENTION,
                                            PackedDataset,
@@ -34,10 +34,12 @@ from tokensel.trainer.data.packing import (
                                            pad_collate,
 )
 from tokensel.trainer.data.pretrain import PretrainDataModule
-from tokensel.trainer.data.sampler import ResumableSampler
-from tokensel.trainer.data.sources import _collect, _read_rows
+from tokensel.trainer.data.sampler import MixtureSampler, ResumableSampler
+from tokensel.trainer.data.sft import SFTDataModule
+from tokensel.trainer.data.sources import Source, collect, iter_rows, parse_source, parse_sources
 
-__all__ = ["IGNORE", "PACKED_ATTENTION", "ROLES", "SFT_FORMATS", "SHAREGPT_ROLES", "TRAIN_ON", "_WARNED", "_collect",
-           "_read_rows", "PackedDataset", "PretrainDataModule", "ResumableSampler", "SFTDataModule", "TextDataModule",
-           "TokenizedDataset", "model_attention_mask", "pack_samples", "packed_collate", "pad_collate",
-           "parse_sft_row", "tokenize_chat"]
+__all__ = ["IGNORE", "MixtureSampler", "PACKED_ATTENTION", "PackedDataset", "PretrainDataModule", "ROLES",
+           "ResumableSampler", "SFTDataModule", "SFT_FORMATS", "SHAREGPT_ROLES", "SampleView", "Source", "TRAIN_ON",
+           "TextDataModule", "TokenizedDataset", "_WARNED", "collect", "iter_rows", "model_attention_mask",
+           "pack_samples", "packed_collate", "pad_collate", "parse_sft_row", "parse_source", "parse_sources",
+           "tokenize_chat"]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -22,6 +24,10 @@ def _as_str(loc: str, row: dict, key: str, col: str) -> str:
     return v
 
 
+def _sha_text(s: str | None) -> str | None:
+    return hashlib.sha256(s.encode()).hexdigest()[:16] if s else None
+
+
 def _read_template(spec: str | None) -> str | None:
     """`chat_template`: a template string, or a path to a file holding one."""
     if spec is None:
@@ -36,9 +42,13 @@ def _read_template(spec: str | None) -> str | None:
 
 SFT_FORMATS = ("auto", "prompt_response", "messages", "sharegpt", "alpaca")
 # ShareGPT speaker names -> chat roles (LLaMA-Factory / FastChat conventions); `role_map` adds or overrides
+# (`function_call`: an assistant tool call whose value is the call as JSON; `observation`: the tool's result)
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "bing": "assistant", "bard": "assistant", "system": "system"}
-ROLES = ("system", "user", "assistant")
+                  "bing": "assistant", "bard": "assistant", "system": "system", "function_call": "assistant",
+                  "observation": "tool", "tool": "tool"}
+ROLES = ("system", "user", "assistant", "tool")
+# message fields kept besides role and content (chat templates read them; other fields are dropped)
+MESSAGE_FIELDS = ("tool_calls", "tool_call_id", "name", "reasoning_content")
 
 
 def _detect_format(row: dict, column_map: dict[str, str]) -> str:
@@ -53,24 +63,81 @@ def _detect_format(row: dict, column_map: dict[str, str]) -> str:
     return "prompt_response"
 
 
+def _json_value(loc: str, what: str, v):
+    """A JSON-bearing field: parsed when it is a string (LLaMA-Factory stores tools and calls as JSON text)."""
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{loc}: {what} is not valid JSON ({e.msg} at column {e.colno})") from None
+    return v
+
+
+def _tool_calls(loc: str, i: int, calls) -> list[dict]:
+    """Assistant tool calls -> [{type: function, function: {name, arguments}}] (the form chat templates read)."""
+    calls = _json_value(loc, f"message {i} tool_calls", calls)
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{loc}: message {i}: tool_calls must be a non-empty list of {{name, arguments}} objects")
+    out = []
+    for c in calls:
+        fn = c.get("function", c) if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise DataError(f"{loc}: message {i}: each tool call needs a function name, got {c!r:.80}")
+        args = fn.get("arguments", {})
+        args = _json_value(loc, f"message {i} tool call arguments", args) if isinstance(args, str) else args
+        out.append({**({"id": c["id"]} if isinstance(c, dict) and "id" in c else {}), "type": "function",
+                    "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
 def _turns(loc: str, turns, col: str, role_key: str, text_key: str, role_map: dict[str, str]) -> list[dict]:
-    """A list of {role_key, text_key} objects -> [{role, content}], roles mapped and checked."""
+    """A list of {role_key, text_key} objects -> [{role, content, (tool fields)}], roles mapped and checked.
+    An assistant turn may carry `tool_calls` (then its text may be empty); a sharegpt `function_call` turn's
+    value is the call itself."""
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{loc}: column {col!r} must be a non-empty list of {{{role_key}, {text_key}}} objects")
     out = []
     for i, m in enumerate(turns):
-        if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(text_key), str):
-            raise DataError(f"{loc}: message {i} of {col!r} needs string {role_key!r} and {text_key!r} fields, "
-                            f"got {m!r:.80}")
-        role = role_map.get(m[role_key], m[role_key])
+        if not isinstance(m, dict) or not isinstance(m.get(role_key), str):
+            raise DataError(f"{loc}: message {i} of {col!r} needs a string {role_key!r} field, got {m!r:.80}")
+        raw = m[role_key]
+        role = role_map.get(raw, raw)
         if role not in ROLES:
             known = sorted(k for k, v in role_map.items() if v in ROLES)
-            raise DataError(f"{loc}: message {i} has role {m[role_key]!r}; use one of {known or list(ROLES)} or map "
-                            f"it with data.init_args.role_map (e.g. {{{m[role_key]}: assistant}})")
-        out.append({"role": role, "content": m[text_key]})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+            raise DataError(f"{loc}: message {i} has role {raw!r}; use one of {known or list(ROLES)} or map "
+                            f"it with data.init_args.role_map (e.g. {{{raw}: assistant}})")
+        text = m.get(text_key)
+        msg = {"role": role}
+        if raw == "function_call" and role == "assistant":  # sharegpt: the value is the call
+            msg.update(content="", tool_calls=_tool_calls(loc, i, text))
+        else:
+            if text is None and role == "assistant" and m.get("tool_calls"):
+                text = ""
+            if not isinstance(text, str):
+                raise DataError(f"{loc}: message {i} of {col!r} needs a string {text_key!r} field, got {m!r:.80}")
+            msg["content"] = text
+            for k in MESSAGE_FIELDS:
+                if m.get(k) is not None:
+                    msg[k] = _tool_calls(loc, i, m[k]) if k == "tool_calls" else m[k]
+        if "tool_calls" in msg and role != "assistant":
+            raise DataError(f"{loc}: message {i} has tool_calls but role {role!r}; only assistant turns call tools")
+        out.append(msg)
+    if not any(m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls")) for m in out):
         raise DataError(f"{loc}: no non-empty assistant message, so nothing to train on")
     return out
+
+
+def row_tools(loc: str, row: dict, column_map: dict[str, str]) -> list | None:
+    """The row's tool (function) schemas, for the chat template's `tools`; None when it has none."""
+    col = column_map.get("tools", "tools")
+    v = row.get(col)
+    if v is None or v == "" or v == []:
+        return None
+    v = _json_value(loc, f"column {col!r}", v)
+    if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
+        raise DataError(f"{loc}: column {col!r} must be a list of tool schemas (objects), got {type(v).__name__}")
+    return v
 
 
 def _system(row: dict, column_map: dict[str, str]) -> list[dict]:
@@ -146,26 +213,54 @@ def _label_turns(render, messages: list[dict], turns: list[int]) -> tuple[list[i
     return tail, labels + [IGNORE] * (len(tail) - len(ids))  # later non-labelled turns: context only
 
 
+def plain_format(tokenizer, messages: list[dict], turns: list[int]) -> tuple[list[int], list[int]]:
+    """The format for a tokenizer without a chat template: BOS (when the tokenizer has one), then each turn's
+    text in order; a system, user or tool turn is followed by a newline, an assistant turn (its text, then any
+    tool calls as one JSON line each) by EOS. The labelled turns' text and EOS train; BOS and the other
+    turns are context. No role names are written, so the model learns the turn boundaries from EOS alone:
+    fine for prompt/response pairs, lossy for multi-party chats (give those a `chat_template`)."""
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids, labels = list(bos), [IGNORE] * len(bos)
+    for i, m in enumerate(messages):
+        text = m["content"]
+        if m["role"] == "assistant":
+            calls = [json.dumps(c["function"], ensure_ascii=False) for c in m.get("tool_calls", ())]
+            text = "\n".join(([text] if text else []) + calls)
+        else:
+            text += "\n"
+        piece = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + (eos if m["role"] == "assistant"
+                                                                               else [])
+        ids += piece
+        labels += piece if i in turns else [IGNORE] * len(piece)
+    return ids, labels
+
+
 def tokenize_chat(tokenizer, messages: list[dict], max_length: int, train_on: str = "assistant",
-                  chat_template: str | None = None, template_kwargs: dict | None = None) -> dict | None:
+                  chat_template: str | None = None, template_kwargs: dict | None = None,
+                  tools: list | None = None) -> dict | None:
     """Token ids with labels on the trained tokens; None if truncation leaves no labelled token.
 
     `train_on`: "assistant" (every assistant turn), "last_assistant" (the last one only) or "all" (every token).
     With a chat template (`chat_template` overrides the tokenizer's; `template_kwargs` go to
-    `apply_chat_template`), each assistant turn's span is the difference between the template rendered up to
-    the turn (with the generation prompt) and through it, so system/user text and the template's role headers
-    never get a label. A template that rewrites earlier turns once later ones exist (Qwen3-style thinking
-    blocks dropped from past assistant turns) cannot label every turn that way: then the last assistant turn
-    alone is labelled, with one warning per run. Without a template, turns are joined with newlines and each
-    response ends with the EOS token.
+    `apply_chat_template`; `tools` are the row's tool schemas), each assistant turn's span is the difference
+    between the template rendered up to the turn (with the generation prompt) and through it, so system, user
+    and tool text and the template's role headers never get a label, while an assistant's tool calls do. A
+    template that rewrites earlier turns once later ones exist (Qwen3-style thinking blocks dropped from past
+    assistant turns) cannot label every turn that way: then the last assistant turn alone is labelled, with
+    one warning per run. Without a template, `plain_format` (with one warning per run).
     """
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     turns = assistants[-1:] if train_on == "last_assistant" else assistants
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if template:
+        extra = dict(template_kwargs or {})
+        if tools:
+            extra["tools"] = tools
+
         def render(msgs, gen):
             out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen,
-                                                chat_template=template, **(template_kwargs or {}))
+                                                chat_template=template, **extra)
             return list(out["input_ids"]) if isinstance(out, dict) or hasattr(out, "keys") else list(out)
         got = _label_turns(render, messages, turns)
         if got is None and len(turns) > 1:
@@ -175,21 +270,17 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int, train_on: st
             got = _label_turns(render, messages, assistants[-1:])
         if got is None:
             raise ConfigError("the chat template is not prefix-consistent even for the last assistant turn; set "
-                              "data.init_args.chat_template to one that is, or use data.format prompt_response "
-                              "with a tokenizer without a chat template")
+                              "data.init_args.chat_template to one that is")
         ids, labels = got
     else:
-        ids, labels = [], []
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        for i, m in enumerate(messages):
-            piece = tokenizer(m["content"] + ("" if m["role"] == "assistant" else "\n"), add_special_tokens=False)
-            piece = list(piece["input_ids"]) + (eos if m["role"] == "assistant" else [])
-            ids += piece
-            labels += piece if i in turns else [IGNORE] * len(piece)
+        _warn_once("plain-format", f"tokensel data: the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no "
+                   "chat template, so SFT samples use the plain format (BOS, turns in order, EOS after each "
+                   "assistant turn; see tokensel.trainer.data.formats.plain_format); set data.init_args.chat_template "
+                   "to train in the model's own chat format")
+        ids, labels = plain_format(tokenizer, messages, turns)
     if train_on == "all":
         labels = list(ids)
     ids, labels = ids[:max_length], labels[:max_length]
     if all(x == IGNORE for x in labels[1:]):
         return None
     return {"input_ids": ids, "labels": labels}
-

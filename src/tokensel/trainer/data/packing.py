@@ -17,7 +17,8 @@ def pad_collate(pad_id: int):
         batch = {"input_ids": torch.full((B, T), pad_id), "labels": torch.full((B, T), IGNORE),
                  "attention_mask": torch.zeros(B, T, dtype=torch.long),
                  "position_ids": torch.zeros(B, T, dtype=torch.long),
-                 "sample_index": torch.full((B, T), -1), "token_index": torch.full((B, T), -1)}
+                 "sample_index": torch.full((B, T), -1), "token_index": torch.full((B, T), -1),
+                 "source_index": torch.full((B, T), -1)}
         for b, x in enumerate(items):
             n = len(x["input_ids"])
             batch["input_ids"][b, :n] = torch.tensor(x["input_ids"])
@@ -26,16 +27,21 @@ def pad_collate(pad_id: int):
             batch["position_ids"][b, :n] = torch.arange(n)
             batch["sample_index"][b, :n] = x["sample_index"]
             batch["token_index"][b, :n] = torch.arange(n)
+            batch["source_index"][b, :n] = x.get("source_index", 0)
         return batch
     return collate
 
 
 def pack_samples(samples: list[dict], max_length: int) -> list[list[int]]:
     """Greedy first-fit of whole samples into rows of at most `max_length` tokens (indices per row)."""
+    return pack_lengths([len(s["input_ids"]) for s in samples], max_length)
+
+
+def pack_lengths(lengths, max_length: int) -> list[list[int]]:
+    """`pack_samples` on the samples' lengths."""
     rows: list[list[int]] = []
     room: list[int] = []
-    for i, s in enumerate(samples):
-        n = len(s["input_ids"])
+    for i, n in enumerate(int(x) for x in lengths):
         for r, left in enumerate(room):
             if n <= left:
                 rows[r].append(i)
@@ -53,7 +59,8 @@ class PackedDataset(Dataset):
 
     def __init__(self, base: Dataset, max_length: int):
         self.base = base
-        self.rows = pack_samples([base[i] for i in range(len(base))], max_length)
+        lengths = base.lengths() if hasattr(base, "lengths") else [len(base[i]["input_ids"]) for i in range(len(base))]
+        self.rows = pack_lengths(lengths, max_length)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -74,6 +81,7 @@ def packed_collate(pad_id: int, max_length: int):
         batch["attention_mask"] = torch.zeros(B, T, dtype=torch.long)
         batch["sample_index"].fill_(-1)
         batch["token_index"].fill_(-1)
+        batch["source_index"].fill_(-1)
         for b, r in enumerate(rows):
             at = 0
             for s in r:
@@ -85,6 +93,7 @@ def packed_collate(pad_id: int, max_length: int):
                 batch["position_ids"][b, sl] = torch.arange(n)
                 batch["sample_index"][b, sl] = s["sample_index"]
                 batch["token_index"][b, sl] = torch.arange(n)
+                batch["source_index"][b, sl] = s.get("source_index", 0)
                 mask[b, 0, sl, sl] = torch.tril(torch.ones(n, n, dtype=torch.bool))
                 at += n
             mask[b, 0, at:, at:] = torch.eye(T - at, dtype=torch.bool)  # padding attends to itself: no NaN rows

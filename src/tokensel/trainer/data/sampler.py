@@ -30,14 +30,18 @@ class ResumableSampler(Sampler[int]):
     def fast_forward(self, epoch: int, batches_done: int) -> None:
         self.epoch, self.skip_batches = epoch, batches_done
 
+    def _base_order(self) -> list[int]:
+        """This epoch's order of sample positions, before sharding across ranks."""
+        return (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+                if self.shuffle else list(range(self.n)))
+
     def _order(self) -> list[int]:
-        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-                 if self.shuffle else list(range(self.n)))
+        order = self._base_order()
         if self.world_size == 1:
             return order
         gb = self.batch_size * self.world_size
         total = -(-self.n // gb) * gb
-        order = (order * (-(-total // max(1, self.n))))[:total]  # wrap around: equal steps on every rank
+        order = (order * (-(-total // max(1, len(order)))))[:total]  # wrap around: equal steps on every rank
         mine = []
         for g in range(0, total, gb):
             mine += order[g + self.rank * self.batch_size: g + (self.rank + 1) * self.batch_size]
@@ -53,3 +57,34 @@ class ResumableSampler(Sampler[int]):
             return self.n
         return -(-self.n // (self.batch_size * self.world_size)) * self.batch_size
 
+
+
+class MixtureSampler(ResumableSampler):
+    """Draws from several sources in given proportions: each of an epoch's `n` draws picks a source with
+    probability `weights[s]` (normalised), then that source's next sample in its own seeded permutation; a
+    source drawn more often than it has samples starts a fresh permutation (oversampled), one drawn less is
+    only partly seen (undersampled). Everything is seeded by (seed, epoch), so the order is a pure function
+    of the epoch and the resume / rank sharding of `ResumableSampler` apply unchanged.
+
+    `groups[s]`: the dataset positions of source s.
+    """
+
+    def __init__(self, groups: list[list[int]], weights: list[float], seed: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, num_samples: int | None = None):
+        super().__init__(num_samples if num_samples is not None else sum(map(len, groups)), True, seed, batch_size,
+                         rank, world_size)
+        if len(groups) != len(weights) or any(not g for g in groups):
+            raise ValueError("MixtureSampler: one non-empty group per weight")
+        self.groups, self.weights = groups, torch.tensor(weights, dtype=torch.float64) / sum(weights)
+
+    def _base_order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        picks = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        queues: list[list[int]] = [[] for _ in self.groups]
+        out = []
+        for s in picks:
+            if not queues[s]:
+                queues[s] = [self.groups[s][i] for i in torch.randperm(len(self.groups[s]), generator=g).tolist()]
+                queues[s].reverse()  # pop() from the end = the permutation's order
+            out.append(queues[s].pop())
+        return out

@@ -1,81 +1,263 @@
-"""Reading rows of local files, each with a location (file:line, or file: row i) for error messages."""
+"""Where text rows come from: local files (read by our own reader, so a bad row names its file and line),
+saved dataset folders, data folders and hub datasets (through `datasets`, each row named by source and row).
+
+A data entry (`train_files` / `val_files` item) is a string or a mapping:
+
+* `path/to/file.jsonl`, `.json` (one array), `.txt` (one document per line), `.csv` / `.tsv`, `.parquet`;
+* a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a folder of data files;
+* a hub id (`HuggingFaceH4/ultrachat_200k`), loaded with `datasets.load_dataset` (cached by `datasets`;
+  offline it uses that cache);
+* `embedded:<name>`: a text shipped with tokensel (`embedded:shakespeare`, `embedded:wiki`);
+* any of these with `:split` (`org/name:train_sft`, `saved_folder:test`), or as a mapping
+  `{path: ..., split: ..., subset: ..., weight: ..., name: ...}` (`subset`: the hub configuration name;
+  `weight`: the share of training draws for mixtures; `name`: the label in logs and per-source metrics).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from tokensel.errors import DataError
+from tokensel.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+LOCAL_TYPES = (".jsonl", ".json", ".txt", ".text", ".csv", ".tsv", ".parquet", "")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_SPLIT = re.compile(r"^[\w.-]+(\[[^\]]*\])?$")  # train, train_sft, train[:1000], test[10%:]
+SOURCE_KEYS = ("path", "split", "subset", "weight", "name")
 
 
-def _read_rows(path: str) -> list[tuple[str, object]]:
-    """Rows of a JSONL / JSON / parquet file or saved HF dataset folder, each with a location string."""
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if p.is_dir():
-        import datasets
+@dataclass(frozen=True)
+class Source:
+    """One data entry, parsed (see the module docstring)."""
 
-        try:
-            ds = datasets.load_from_disk(str(p))
-        except Exception as e:  # noqa: BLE001 - datasets raises many types for a bad folder
-            raise DataError(f"{path}: not a saved Hugging Face dataset folder ({e})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        return [(f"{path}: row {i}", r) for i, r in enumerate(ds)]
-    if p.suffix == ".parquet":
-        import datasets
+    path: str
+    split: str | None = None
+    subset: str | None = None
+    weight: float | None = None
+    name: str | None = None
 
-        try:
-            ds = datasets.Dataset.from_parquet(str(p))
-        except Exception as e:  # noqa: BLE001 - pyarrow / datasets raise many types for a bad file
-            raise DataError(f"{path}: not a parquet file datasets can read ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200] if str(e) else ''}); rewrite it or use JSONL") from None
-        return [(f"{path}: row {i}", r) for i, r in enumerate(ds)]
-    if p.suffix == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: invalid JSON ({e}); a .json file must hold one array of objects") from None
-        except RecursionError:
-            raise DataError(f"{path}: invalid JSON (nested too deeply); a .json file must hold one array of "
-                            "objects") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: top level is {type(data).__name__}; a .json file must hold an array of objects")
-        return [(f"{path}: item {i}", r) for i, r in enumerate(data)]
-    if p.suffix in (".jsonl", ".txt", ".text") or p.suffix == "":
-        rows = []
-        with open(p, "rb") as f:
-            for n, raw in enumerate(f, start=1):
-                loc = f"{path}:{n}"
+    @property
+    def label(self) -> str:
+        """Short name for logs and per-source metrics."""
+        if self.name:
+            return self.name
+        base = self.path.removeprefix("embedded:")
+        stem = Path(base).stem if Path(base).suffix in LOCAL_TYPES else base.rstrip("/").split("/")[-1]
+        return stem + (f"_{self.split}" if self.split else "")
+
+    @property
+    def where(self) -> str:
+        """How error messages name this source."""
+        return self.path + (f"[{self.subset}]" if self.subset else "") + (f":{self.split}" if self.split else "")
+
+    @property
+    def kind(self) -> str:
+        """file | saved (save_to_disk folder) | folder (data files) | hub."""
+        p = Path(self.path).expanduser()
+        if p.is_file():
+            return "file"
+        if p.is_dir():
+            return "saved" if _is_saved(p) else "folder"
+        return "hub"
+
+
+def _is_saved(p: Path) -> bool:
+    return (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
+
+
+def parse_source(entry, key: str) -> Source:
+    """A `train_files` / `val_files` entry -> Source; `key` names the setting in errors."""
+    if isinstance(entry, Source):
+        return entry
+    if isinstance(entry, dict):
+        unknown = sorted(set(entry) - set(SOURCE_KEYS))
+        if unknown or not isinstance(entry.get("path"), str):
+            raise ConfigError(f"{key}: entry {entry!r}: a mapping needs a string `path` and may have only "
+                              f"{', '.join(SOURCE_KEYS)}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        w = entry.get("weight")
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int | float) or not w > 0):
+            raise ConfigError(f"{key}: entry {entry['path']!r}: weight={w!r} must be a positive number")
+        src = Source(entry["path"], entry.get("split"), entry.get("subset"), None if w is None else float(w),
+                     entry.get("name"))
+    elif isinstance(entry, str) and entry:
+        src = Source(entry)
+        if entry.startswith("embedded:"):
+            from tokensel.offline import resolve_text_file
+
+            return Source(resolve_text_file(entry), name=entry.removeprefix("embedded:"))
+        if not Path(entry).expanduser().exists() and ":" in entry:
+            head, split = entry.rsplit(":", 1) if "[" not in entry else entry.split(":", 1)
+            if _SPLIT.match(split) and (Path(head).expanduser().exists() or _HUB_ID.match(head)):
+                src = Source(head, split)
+    else:
+        raise ConfigError(f"{key}: entry {entry!r}: give a file, folder or hub id (optionally `:split`), or a "
+                          "mapping {path, split, subset, weight, name}")
+    if src.split is not None and not _SPLIT.match(src.split):
+        raise ConfigError(f"{key}: entry {src.path!r}: split {src.split!r} is not a split name (train, test, "
+                          "train[:1000], ...)")
+    p = Path(src.path).expanduser()
+    if p.is_file() and p.suffix not in LOCAL_TYPES:
+        raise DataError(f"{key}: {src.path}: unknown file type {p.suffix!r}; use .jsonl, .json, .txt, .csv, "
+                          ".tsv, .parquet or a dataset folder")
+    if src.kind == "hub" and not _HUB_ID.match(src.path):
+        raise DataError(f"{key}: {src.path}: no such file or folder, and not a hub dataset id (org/name)")
+    if src.kind == "file" and src.split is not None:
+        raise ConfigError(f"{key}: {src.path}: a single file has no splits; drop `:{src.split}`")
+    return src
+
+
+def parse_sources(entries, key: str) -> list[Source]:
+    """A list of entries (or one) -> Sources; weights all-or-none."""
+    if entries is None:
+        return []
+    items = [entries] if isinstance(entries, str | dict) else list(entries)
+    out = [parse_source(e, key) for e in items]
+    weighted = [s.weight is not None for s in out]
+    if any(weighted) and not all(weighted):
+        missing = [s.where for s in out if s.weight is None]
+        raise ConfigError(f"{key}: some entries have a weight and {', '.join(missing)} do not; give every source a "
+                          "weight (a mixture) or none (concatenation)")
+    labels = [s.label for s in out]
+    if len(set(labels)) != len(labels):
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        raise ConfigError(f"{key}: two sources are both named {dup[0]!r}; give them distinct `name`s")
+    return out
+
+
+# ---------------------------------------------------------------- rows
+
+
+def iter_rows(src: Source, streaming: bool = False) -> Iterator[tuple[str, object]]:
+    """Rows of one source, each with its location; a row that cannot be decoded comes as a DataError in place
+    of the row (the caller decides: stop or skip). Lazy: nothing is held beyond the current row, except for a
+    `.json` array (one document by design)."""
+    p = Path(src.path).expanduser()
+    kind = src.kind
+    if kind == "file" and p.suffix in (".jsonl", ".txt", ".text", ""):
+        yield from _iter_lines(src.path, p)
+    elif kind == "file" and p.suffix == ".json":
+        yield from _iter_json(src.path, p)
+    else:
+        yield from _iter_datasets(src, p, kind, streaming)
+
+
+def _iter_lines(path: str, p: Path) -> Iterator[tuple[str, object]]:
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            loc = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield loc, DataError(f"{loc}: invalid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if not line.strip():
+                continue
+            if p.suffix == ".jsonl":
                 try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    rows.append((loc, DataError(f"{loc}: invalid UTF-8 ({e.reason} at byte {e.start})")))
-                    continue
-                if not line.strip():
-                    continue
-                if p.suffix == ".jsonl":
-                    try:
-                        rows.append((loc, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        rows.append((loc, DataError(f"{loc}: bad JSON ({e.msg} at column {e.colno})")))
-                    except RecursionError:
-                        rows.append((loc, DataError(f"{loc}: bad JSON (nested too deeply); one object per line")))
-                else:
-                    rows.append((loc, {"text": line.rstrip("\n")}))
-        return rows
-    raise DataError(f"{path}: unknown file type {p.suffix!r}; use .jsonl, .json, .parquet, .txt or a saved dataset")
+                    yield loc, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield loc, DataError(f"{loc}: bad JSON ({e.msg} at column {e.colno})")
+                except RecursionError:
+                    yield loc, DataError(f"{loc}: bad JSON (nested too deeply); one object per line")
+            else:
+                yield loc, {"text": line.rstrip("\n")}
 
 
-def _collect(paths: list[str], parse, on_bad_row: str) -> list:
-    """Parse every row with `parse(loc, row)`; bad rows raise or are counted, per `on_bad_row`."""
+def _iter_json(path: str, p: Path) -> Iterator[tuple[str, object]]:
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid JSON ({e}); a .json file must hold one array of objects") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON (nested too deeply); a .json file must hold one array of "
+                        "objects") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: top level is {type(data).__name__}; a .json file must hold an array of objects")
+    for i, r in enumerate(data):
+        yield f"{path}: item {i}", r
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {s[0][:200]}" if s else type(e).__name__
+
+
+def load_hf(src: Source, streaming: bool = False):
+    """The `datasets` Dataset (or IterableDataset) of a non-JSONL source, split chosen."""
+    import datasets
+
+    p = Path(src.path).expanduser()
+    kind = src.kind
+    try:
+        if kind == "saved":
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                split = src.split or ("train" if "train" in ds else next(iter(ds)))
+                if split not in ds:
+                    raise DataError(f"{src.where}: no split {split!r}; the folder has {', '.join(ds)}")
+                ds = ds[split]
+            elif src.split not in (None, "train"):
+                raise DataError(f"{src.where}: the saved dataset has no splits; drop `:{src.split}`")
+            return ds.to_iterable_dataset() if streaming else ds
+        if kind == "file":
+            builder = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}[p.suffix]
+            extra = {"delimiter": "\t"} if p.suffix == ".tsv" else {}
+            return datasets.load_dataset(builder, data_files=str(p), split="train", streaming=streaming, **extra)
+        return datasets.load_dataset(str(p) if kind == "folder" else src.path, src.subset, split=src.split or "train",
+                                     streaming=streaming)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets / pyarrow / hub raise many types for a bad source
+        if kind == "file" and p.suffix == ".parquet":
+            raise DataError(f"{src.where}: not a parquet file datasets can read ({_first_line(e)}); rewrite it or "
+                            "use JSONL") from None
+        hint = {"file": "check the file, or convert it to JSONL",
+                "saved": "it must be a folder written by save_to_disk",
+                "folder": "it must hold data files datasets can read (jsonl, csv, parquet, ...)",
+                "hub": "check the id and split; offline, the dataset must be in the datasets cache (load it once "
+                       "online) or saved locally with save_to_disk"}[kind]
+        raise DataError(f"{src.where}: cannot load ({_first_line(e)}); {hint}") from None
+
+
+def _iter_datasets(src: Source, p: Path, kind: str, streaming: bool) -> Iterator[tuple[str, object]]:
+    ds = load_hf(src, streaming)
+    for i, r in enumerate(ds):
+        yield f"{src.where}: row {i}", r
+
+
+def source_identity(src: Source, content: bool = False, streaming: bool = False) -> dict:
+    """What a source's rows depend on, for cache keys: path, size and mtime of local files (content hash when
+    `content`); the dataset fingerprint for hub datasets (its cached files' hash; a streamed hub dataset has
+    none, so only its id, subset and split count)."""
+    from tokensel.trainer.token_cache import file_identity
+
+    out = {"path": src.path, "split": src.split, "subset": src.subset}
+    if src.kind != "hub":
+        out.update(file_identity(str(Path(src.path).expanduser()), content))
+    elif streaming:
+        out["streaming"] = True
+    else:
+        try:
+            out["fingerprint"] = load_hf(src)._fingerprint
+        except DataError:
+            out["fingerprint"] = None
+    return out
+
+
+def collect(sources: list[Source], parse, on_bad_row: str, limit: int | None = None,
+            streaming: bool = False) -> list:
+    """`parse(loc, row)` over every row of `sources` (at most `limit` rows read from each); bad rows raise or
+    are counted, per `on_bad_row`; None results are dropped."""
     out, bad = [], 0
-    for path in paths:
-        for loc, row in _read_rows(path):
+    for src in sources:
+        for n, (loc, row) in enumerate(iter_rows(src, streaming)):
+            if limit is not None and n >= limit:
+                break
             try:
                 if isinstance(row, DataError):
                     raise row
@@ -91,6 +273,5 @@ def _collect(paths: list[str], parse, on_bad_row: str) -> list:
         log.warning("tokensel data: skipped %d malformed rows (on_bad_row=skip)", bad)
         print(f"tokensel data: skipped {bad} malformed rows (on_bad_row=skip)")
     if not out:
-        raise DataError(f"{', '.join(paths)}: no usable rows")
+        raise DataError(f"{', '.join(s.where for s in sources)}: no usable rows")
     return out
-
