@@ -181,7 +181,8 @@ def test_messages_role_map_renames_roles(tmp_path):
 
 BAD_FORMATS = [
     ("sharegpt", {"conversations": "hi"}, "d.jsonl:2: column 'conversations' must be a non-empty list"),
-    ("sharegpt", {"conversations": [{"from": "human"}]}, "d.jsonl:2: message 0 of 'conversations' needs a string 'value'"),
+    ("sharegpt", {"conversations": [{"from": "human"}]},
+     "d.jsonl:2: message 0 of 'conversations' needs a string 'value'"),
     ("sharegpt", {"conversations": [{"from": "human", "value": "x"}]}, "d.jsonl:2: no non-empty assistant"),
     ("sharegpt", {"messages": []}, "d.jsonl:2: missing column 'conversations'"),
     ("alpaca", {"instruction": "x"}, "d.jsonl:2: missing column 'output'"),

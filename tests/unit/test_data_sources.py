@@ -12,8 +12,16 @@ import torch
 import tokensel.trainer.data.formats as formats
 import tokensel.trainer.data.sft as sft
 from tokensel.errors import ConfigError, DataError
-from tokensel.trainer.data import (IGNORE, MixtureSampler, PretrainDataModule, ResumableSampler, SFTDataModule,
-                                   parse_source, parse_sources, tokenize_chat)
+from tokensel.trainer.data import (
+    IGNORE,
+    MixtureSampler,
+    PretrainDataModule,
+    ResumableSampler,
+    SFTDataModule,
+    parse_source,
+    parse_sources,
+    tokenize_chat,
+)
 from tokensel.trainer.lm import load_tokenizer
 
 ROWS = [{"prompt": f"question {i}", "response": f"answer {i} " + "x" * i} for i in range(12)]
@@ -160,7 +168,8 @@ def test_tool_calls_train_and_tool_results_do_not(tmp_path, tok):
 
 def test_sharegpt_function_call_and_observation_turns(tmp_path, tok):
     row = {"conversations": [{"from": "human", "value": "2+2?"},
-                             {"from": "function_call", "value": "{\"name\": \"calc\", \"arguments\": {\"x\": \"2+2\"}}"},
+                             {"from": "function_call",
+                              "value": "{\"name\": \"calc\", \"arguments\": {\"x\": \"2+2\"}}"},
                              {"from": "observation", "value": "4"}, {"from": "gpt", "value": "It is 4."}]}
     f = _jsonl(tmp_path / "sg.jsonl", [row, {"conversations": [{"from": "human", "value": "q"},
                                                                 {"from": "function_call", "value": "{not json"}]}])
