@@ -366,7 +366,9 @@ def test_pretraining_blocks_come_from_shards_equal_to_the_old_list(tmp_path, tok
         got = sorted((dm.train_set[i] for i in range(len(dm.train_set))), key=lambda s: s["sample_index"])
         assert [g["input_ids"] for g in got] == want and all(g["labels"] == g["input_ids"] for g in got)
     # the shards do not depend on the block length, so lengths 16 and 37 share one entry; the cap stops early
-    assert len(list((tmp_path / "cache").glob("pretrain-*"))) == 2
+    entries = sorted((json.loads((d / "meta.json").read_text()) for d in (tmp_path / "cache").glob("pretrain-*")),
+                     key=lambda m: m["tokens"])
+    assert len(entries) == 2 and entries[0]["tokens"] == 10 * 16 + 1 < entries[1]["tokens"]
     assert all(p.suffix == ".bin" for p in (tmp_path / "cache").glob("pretrain-*/*") if p.name != "meta.json")
 
 
@@ -375,3 +377,16 @@ def test_resumable_sampler_still_resumes_exactly():
     full = list(s)
     s.fast_forward(0, 3)
     assert list(s) == full[12:]
+
+
+def test_max_tokens_stops_the_shard_writer_with_one_or_two_processes(tmp_path, tok):
+    from tokensel.trainer.data.shards import TokenBlocks, write_token_shards
+
+    texts = [f"doc {i} " + "w " * (i % 7) for i in range(3000)]
+    metas = [write_token_shards(iter(texts), tok, tmp_path / f"s{n}", eos_id=2, num_proc=n, batch_docs=50,
+                                max_tokens=777) for n in (1, 2)]
+    assert [m["tokens"] for m in metas] == [777, 777] and metas[0]["docs"] < 3000
+    a, b = TokenBlocks(tmp_path / "s1", 7), TokenBlocks(tmp_path / "s2", 7)
+    assert len(a) == 111 and [a[i] for i in range(111)] == [b[i] for i in range(111)]
+    assert [x for i in range(111) for x in a[i]["input_ids"]] == [x for bl in _old_blocks(tok, texts[:400], 7)
+                                                                   for x in bl][:777]

@@ -103,7 +103,8 @@ class PretrainDataModule(TextDataModule):
             stats = {"bad": 0, "docs": 0}
             docs = self._docs(src, stats)
             try:
-                meta = write_token_shards(docs, tok, folder, eos_id=eos, num_proc=self.num_proc, meta=fp)
+                meta = write_token_shards(docs, tok, folder, eos_id=eos, num_proc=self.num_proc, meta=fp,
+                                          max_tokens=self._max_tokens())
             except DataError:
                 if stats["docs"]:
                     raise

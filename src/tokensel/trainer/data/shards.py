@@ -131,7 +131,7 @@ class _ShardWriter:
 
 def write_token_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLike, *, eos_id: int,
                        num_proc: int = 1, batch_docs: int = 1024, batch_chars: int = 2 ** 18,
-                       shard_tokens: int = 2 ** 27, meta: dict | None = None) -> dict:
+                       shard_tokens: int = 2 ** 27, meta: dict | None = None, max_tokens: int | None = None) -> dict:
     """Tokenise `docs` (any iterable of str, e.g. a generator over a corpus too big for memory) into token
     shards in `out_dir`; returns the metadata written to `out_dir/meta.json` (see the module docstring).
 
@@ -144,6 +144,7 @@ def write_token_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLik
     Everything is written to `<out_dir>.tmp-<pid>` and renamed to `out_dir` at the end; if another process
     renamed its own copy there first, that one is kept (and its metadata returned). On any error the
     temporary folder is removed and no `out_dir` is left. Raises `DataError` when there are no tokens.
+    `max_tokens`: stop after that many tokens (the rest of `docs` is never read or tokenised).
     """
     if min(batch_docs, batch_chars, shard_tokens, num_proc) < 1:
         raise ValueError(f"batch_docs={batch_docs}, batch_chars={batch_chars}, shard_tokens={shard_tokens}, "
@@ -158,28 +159,45 @@ def write_token_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLik
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed process that had our pid
     tmp.mkdir()
     writer = _ShardWriter(tmp, shard_tokens)
-    n_docs = 0
+    n_docs, written = 0, 0
+
+    def put(arr: np.ndarray) -> bool:
+        """Write `arr` (cut at max_tokens); True when max_tokens is reached."""
+        nonlocal written
+        if max_tokens is not None:
+            arr = arr[: max_tokens - written]
+        writer.write(arr)
+        written += int(arr.size)
+        return max_tokens is not None and written >= max_tokens
+
     try:
         batches = _batches(docs, batch_docs, batch_chars)
         if num_proc == 1:
             for batch in batches:
-                writer.write(_encode(tokenizer, batch, eos_id, dtype))
                 n_docs += len(batch)
+                if put(_encode(tokenizer, batch, eos_id, dtype)):
+                    break
         else:
             slots, stop = threading.Semaphore(2 * num_proc), threading.Event()
             pool = multiprocessing.get_context().Pool(num_proc, initializer=_init_worker,
                                                       initargs=(tokenizer, eos_id, dtype.name))
             try:
+                full = False
                 for n, arr in pool.imap(_work, _throttled(batches, slots, stop)):
                     slots.release()
-                    writer.write(arr)
                     n_docs += n
+                    if full := put(arr):
+                        break
             except BaseException:
                 stop.set()  # unblocks the pool's task thread so that terminate() can join it
                 pool.terminate()
                 raise
             else:
-                pool.close()
+                if full:  # enough tokens: the batches still queued are not needed
+                    stop.set()
+                    pool.terminate()
+                else:
+                    pool.close()
             finally:
                 pool.join()
         writer.close()
