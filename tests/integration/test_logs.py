@@ -48,3 +48,26 @@ def test_fifty_steps_without_a_tty_is_a_short_log(tmp_path):
         r2 = _fit(tmp_path, 1, "--trainer.val_check_interval", 1, "--trainer.logger", "false")
         assert r2.returncode == 0, r2.stderr[-3000:]
         assert (run / "config.yaml").exists()
+
+
+def test_a_weighted_mixture_logs_validation_loss_per_source(tmp_path):
+    """Two weighted JSONL sources through the CLI: the run trains, and metrics.csv has val/loss/<name> for each
+    source beside val/loss (the token-weighted mean of the two)."""
+    import json
+
+    for name, n in (("arith", 30), ("words", 20)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"prompt": f"{name} {i}?", "response": f"{name} answer {i}"}) + "\n")
+    files = json.dumps([{"path": str(tmp_path / "arith.jsonl"), "weight": 0.7},
+                        {"path": str(tmp_path / "words.jsonl"), "weight": 0.3}])
+    r = _fit(tmp_path, 4, "--trainer.val_check_interval", 4, "--data.init_args.train_files", files,
+             "--data.init_args.val_fraction", "0.2", "--data.init_args.max_samples", "null")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "from 2 sources (arith, words)" in r.stdout
+    (metrics,) = (tmp_path / "checkpoints" / "random" / "lightning_logs").glob("version_*/metrics.csv")
+    with open(metrics) as f:
+        rows = [row for row in csv.DictReader(f) if row.get("val/loss")]
+    assert rows and all(rows[-1].get(k) for k in ("val/loss/arith", "val/loss/words")), rows[-1].keys()
+    lo, hi = sorted(float(rows[-1][k]) for k in ("val/loss/arith", "val/loss/words"))
+    assert lo <= float(rows[-1]["val/loss"]) <= hi
