@@ -390,3 +390,28 @@ def test_max_tokens_stops_the_shard_writer_with_one_or_two_processes(tmp_path, t
     assert len(a) == 111 and [a[i] for i in range(111)] == [b[i] for i in range(111)]
     assert [x for i in range(111) for x in a[i]["input_ids"]] == [x for bl in _old_blocks(tok, texts[:400], 7)
                                                                    for x in bl][:777]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".txt"])
+def test_byte_order_mark_and_crlf_line_ends_read_like_clean_files(tmp_path, tok, suffix):
+    """Files from spreadsheet and Windows tools (a UTF-8 BOM, CRLF line ends) are valid data: same samples."""
+    rows = ROWS[:4]
+    if suffix == ".jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    elif suffix == ".json":
+        text = json.dumps(rows, indent=1) + "\n"
+    elif suffix == ".csv":
+        text = "prompt,response\n" + "".join(f"{r['prompt']},{r['response']}\n" for r in rows)
+    else:
+        text = "".join(f"{r['prompt']} {r['response']}\n" for r in rows)
+    clean, dirty = tmp_path / f"clean{suffix}", tmp_path / f"dirty{suffix}"
+    clean.write_bytes(text.encode())
+    dirty.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    cls = PretrainDataModule if suffix == ".txt" else SFTDataModule
+    kw = {"max_length": 4} if suffix == ".txt" else {}
+    got = []
+    for f in (clean, dirty):
+        dm = cls(train_files=[str(f)], val_fraction=0.0, cache_dir=str(tmp_path / "cache"), **kw)
+        dm._tokenizer = tok
+        got.append(dm.build_samples([str(f)]))
+    assert got[0] == got[1] and len(got[0]) >= 4

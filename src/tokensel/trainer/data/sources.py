@@ -155,6 +155,9 @@ def _iter_lines(path: str, p: Path) -> Iterator[tuple[str, object]]:
             except UnicodeDecodeError as e:
                 yield loc, DataError(f"{loc}: invalid UTF-8 ({e.reason} at byte {e.start})")
                 continue
+            if n == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark (spreadsheet / Windows tools) is not data
+            line = line.rstrip("\r\n")  # CRLF or LF line ends
             if not line.strip():
                 continue
             if p.suffix == ".jsonl":
@@ -165,12 +168,12 @@ def _iter_lines(path: str, p: Path) -> Iterator[tuple[str, object]]:
                 except RecursionError:
                     yield loc, DataError(f"{loc}: bad JSON (nested too deeply); one object per line")
             else:
-                yield loc, {"text": line.rstrip("\n")}
+                yield loc, {"text": line}
 
 
 def _iter_json(path: str, p: Path) -> Iterator[tuple[str, object]]:
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_text(encoding="utf-8-sig"))  # (a byte-order mark is allowed)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: invalid JSON ({e}); a .json file must hold one array of objects") from None
     except RecursionError:
@@ -206,7 +209,8 @@ def load_hf(src: Source, streaming: bool = False):
             return ds.to_iterable_dataset() if streaming else ds
         if kind == "file":
             builder = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}[p.suffix]
-            extra = {"delimiter": "\t"} if p.suffix == ".tsv" else {}
+            extra = {"encoding": "utf-8-sig"} if builder == "csv" else {}  # a BOM must not rename column 1
+            extra |= {"delimiter": "\t"} if p.suffix == ".tsv" else {}
             return datasets.load_dataset(builder, data_files=str(p), split="train", streaming=streaming, **extra)
         return datasets.load_dataset(str(p) if kind == "folder" else src.path, src.subset, split=src.split or "train",
                                      streaming=streaming)
