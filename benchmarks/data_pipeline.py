@@ -180,7 +180,8 @@ def child(spec: str) -> None:
     start = time.perf_counter()
     res = {"old": old_path, "new": new_path, "loader": loader_path}[cfg["what"]](cfg, tok)
     res["wall"] = time.perf_counter() - start
-    res.update(rss_imports=rss_imports, rss_tokenizer=rss_tokenizer, peak=proc_status_mib("VmHWM"))
+    res.update(rss_imports=rss_imports, rss_tokenizer=rss_tokenizer, peak=proc_status_mib("VmHWM"),
+               anon=proc_status_mib("RssAnon"), file=proc_status_mib("RssFile"))
     print(json.dumps(res))
 
 
@@ -207,8 +208,8 @@ def yes(ok: bool) -> str:
 def report(rows: list[dict], args, argv: list[str] | None) -> str:
     lines = [
         "| corpus MB | docs | path | tokens | blocks | wall s | tokens/s | peak RSS MiB | after imports MiB | "
-        "peak − imports MiB |",
-        "|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|",
+        "peak − imports MiB | at end: anon · file MiB |",
+        "|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         for what in ("old", "new", "loader"):
@@ -217,7 +218,8 @@ def report(rows: list[dict], args, argv: list[str] | None) -> str:
                      "loader": f"loader ({m.get('batches')} batches of {args.loader_batch})"}[what]
             lines.append(f"| {r['mb']:g} | {r['corpus']['docs']:,} | {label} | {m['tokens']:,} | {m['blocks']:,} | "
                          f"{m['wall']:,.1f} | {m['tokens'] / m['wall']:,.0f} | {m['peak']:,.0f} | "
-                         f"{m['rss_imports']:,.0f} | {m['peak'] - m['rss_imports']:,.0f} |")
+                         f"{m['rss_imports']:,.0f} | {m['peak'] - m['rss_imports']:,.0f} | "
+                         f"{m['anon']:,.0f} · {m['file']:,.0f} |")
     lines += [
         "",
         "Ratio old / new peak RSS (goal: >= 10x at the largest size, new path flat across sizes):",
@@ -256,6 +258,12 @@ def report(rows: list[dict], args, argv: list[str] | None) -> str:
             f"{' -> '.join(f'{p:,.0f}' for p in incs)} MiB, {yes(flat(incs))} (old path incremental: "
             f"{' -> '.join(f'{p:,.0f}' for p in old_incs)} MiB)",
         ]
+    def over_sizes(what: str, key: str) -> str:
+        return " -> ".join(f"{r[what][key]:,.0f}" for r in rows)
+
+    lines.append(f"- (not part of the goal) training DataLoader over the shards, {args.loader_batches} batches: peak "
+                 f"{over_sizes('loader', 'peak')} MiB; at the end private memory (RssAnon) "
+                 f"{over_sizes('loader', 'anon')} MiB, mapped file pages (RssFile) {over_sizes('loader', 'file')} MiB")
     cmd = "python " + " ".join(shlex.quote(a) for a in ([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
     from tokensel.machine import cpu_model
 
@@ -284,8 +292,10 @@ def report(rows: list[dict], args, argv: list[str] | None) -> str:
         f"{args.shard_tokens:,}; corpus: "
         "Wikipedia leads + Shakespeare plays repeated, JSONL, one document per line",
         "- each row: one fresh child process; peak RSS = VmHWM at its end; 'after imports' = VmRSS after importing "
-        "torch, transformers, datasets, numpy and tokensel (before loading the tokenizer); wall s and tokens/s: "
-        "reading + tokenising + building the dataset (loader: the 200 batches)",
+        "torch, transformers, datasets, numpy and tokensel (before loading the tokenizer); 'at end' = RssAnon "
+        "(private memory) and RssFile (mapped file pages: libraries and, for the loader, the memory-mapped shards) "
+        "when the child finishes; wall s and tokens/s: reading + tokenising + building the dataset (loader: the "
+        f"{args.loader_batches} batches)",
         f"- old and new paths give the same tokens and the same first / last block: "
         f"{'yes' if all(r['same'] for r in rows) else 'NO'}",
     ]
