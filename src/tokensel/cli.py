@@ -85,12 +85,38 @@ def _inner_tokensel_error(message: str) -> str | None:
     return " ".join(m.group(1).split()) if m else None
 
 
+def _innermost_class_error(message: str) -> tuple[str, str] | None:
+    """(class name, its message) of the deepest `- ClassName: message` that a class's own check raised inside
+    jsonargparse's nested Union dump (e.g. `RandomSelection: k=1.5 must lie in [0, 1]`), else None."""
+    found = re.findall(r"Errors:\s*-\s*([A-Z]\w*): (.*?)\s+-\s+Expected a <class 'NoneType'>", message, re.S)
+    return (found[-1][0], " ".join(found[-1][1].split())) if found else None
+
+
+def _class_key_path(config, class_name: str) -> str | None:
+    """The dotted key of the first `class_path` in `config` (a jsonargparse Namespace) naming `class_name`."""
+    try:
+        leaves = config.items() if hasattr(config, "items") else []
+        for k, v in leaves:
+            if str(k).endswith("class_path") and isinstance(v, str) and v.rpartition(".")[2] == class_name:
+                return str(k).removesuffix(".class_path")
+    except (TypeError, AttributeError):
+        return None
+    return None
+
+
 def summarise_parse_error(message: str) -> str:
     """One line from jsonargparse's nested error dump: the innermost key, what was wrong, the valid choices."""
     keys = re.findall(r'Parser key "([^"]+)"', message) + re.findall(r"NestedArg\(key='([^']+)'", message)
     inner = [k for k in keys if k not in ("model", "data", "trainer", "optimizer", "lr_scheduler")]
     key = (inner or keys or [None])[0]
-    where = f"key '{key}'" if key else "config"
+    keys = list(dict.fromkeys(keys))  # the nesting, outermost first: model, selector, k
+    full = ".init_args.".join(keys) if "class_path" in message else ".".join(keys)
+    where = f"key '{full or key}'" if key else "config"
+    prims = re.findall(r"Expected a <class '(float|int|bool)'>", message)
+    if prims and (vals := re.findall(r"Given value: (?!NestedArg)(.*)", message)):
+        # a numeric key given a word: say the type, not "unknown class" (jsonargparse also tried an import path)
+        return (f"{where}: got {vals[0].strip()!r}; expected a value of type "
+                f"{' or '.join(dict.fromkeys(prims))}")
     if m := re.search(r"Expected a dot import path string: (\S+)", message) or re.search(
             r"Import path (\S+) does not", message):
         bases = re.findall(r"Subtypes: \[<class '([\w.]+)'>", message)
@@ -108,6 +134,47 @@ def summarise_parse_error(message: str) -> str:
         return inner_error
     lines = [ln.strip(" -") for ln in message.splitlines() if ln.strip() and not ln.strip().startswith("[")]
     return " ".join(lines)[:400]
+
+
+def _empty_mapping_paths(node, prefix: str = ""):
+    """Dotted paths of the empty mappings (`key: {}`) in a raw YAML / command-line value."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            path = f"{prefix}{k}"
+            if isinstance(v, dict) and not v:
+                yield path
+            else:
+                yield from _empty_mapping_paths(v, path + ".")
+
+
+def _unknown_empty_mapping(argv: list, parsed) -> str | None:
+    """The first `key: {}` in the --config files or --key {} arguments whose key the parsed config lacks:
+    jsonargparse silently drops an empty mapping under an unknown key (every other unknown key is refused)."""
+    import yaml
+
+    raw: list[tuple[str, object]] = []
+    argv = [str(a) for a in argv]
+    for i, a in enumerate(argv):
+        flag, eq, val = a.partition("=")
+        if not flag.startswith("--") or (not eq and i + 1 >= len(argv)):
+            continue
+        val = val if eq else argv[i + 1]
+        if flag == "--config":
+            try:
+                raw.append(("", yaml.safe_load(open(val, encoding="utf-8"))))
+            except (OSError, yaml.YAMLError, UnicodeDecodeError):
+                continue  # the parser has already judged the file
+        elif val.strip() == "{}":
+            raw.append(("", {flag[2:]: {}}))
+    for prefix, node in raw:
+        for path in _empty_mapping_paths(node, prefix):
+            try:
+                known = path in parsed
+            except (TypeError, KeyError, AttributeError):
+                known = True
+            if not known:
+                return path
+    return None
 
 
 class TokenselCLI(LightningCLI):
@@ -140,6 +207,13 @@ class TokenselCLI(LightningCLI):
             sys.stderr.write(f"error: {summarise_parse_error(text.split('error:', 1)[1])}\n")
             raise SystemExit(2) from None
         sys.stderr.write(buf.getvalue())
+        sub = self.config.get("subcommand") if hasattr(self.config, "get") else None
+        parsed = self.config.get(sub) if sub else self.config
+        if bad := _unknown_empty_mapping(args if isinstance(args, list) else sys.argv[1:], parsed):
+            sys.stderr.write(f"error: unknown key '{bad.rpartition('.')[2]}' (at {bad}): jsonargparse drops an "
+                             "empty mapping under a key it does not know, so it is probably a typo; run with --help "
+                             "(or --print_config) to list the valid keys\n")
+            raise SystemExit(2)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -162,6 +236,11 @@ class TokenselCLI(LightningCLI):
         except (ValueError, TypeError) as e:
             if inner := _inner_tokensel_error(str(e)):
                 raise ConfigError(inner) from None
+            if found := _innermost_class_error(str(e)):  # a nested class's own check: its message alone
+                cls, msg = found
+                sub = self.config.get(self.subcommand) if self.subcommand else self.config
+                path = _class_key_path(sub, cls)
+                raise ConfigError(f"{path} ({cls}): {msg}" if path else f"{cls}: {msg}") from None
             first = " ".join(str(e).split())[:400]
             raise ConfigError(f"config: {type(e).__name__}: {first}; check the values set in the recipe / "
                               "command line (--print_config shows them)") from None
@@ -194,6 +273,23 @@ def main(args: list[str] | None = None) -> None:
     except TokenselError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (ValueError, TypeError) as e:
+        if not _raised_by_lightning_setup(e):
+            raise
+        # a trainer setting Lightning accepts at construction but rejects when the run starts
+        print(f"error: trainer: {' '.join(str(e).split())[:400]}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _raised_by_lightning_setup(e: BaseException) -> bool:
+    """True when the innermost frame of `e` is Lightning's own run-time validation of trainer settings (the
+    fit loop's data setup, the trainer's connectors and configuration validator): a bad value, not a bug."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    name = tb.tb_frame.f_code.co_filename.replace("\\", "/") if tb is not None else ""
+    return "lightning/pytorch/" in name and any(
+        part in name for part in ("/loops/", "/trainer/connectors/", "/trainer/configuration_validator"))
 
 
 if __name__ == "__main__":
