@@ -182,11 +182,16 @@ class TokenselCLI(LightningCLI):
 
     @staticmethod
     def configure_optimizers(lightning_module: LightningModule, optimizer, lr_scheduler=None):
-        """As LightningCLI's, but schedulers step every optimizer step, not every epoch: recipes count in
-        steps (`total_iters`, warm-up) and a fine-tuning run is often shorter than one epoch."""
+        """As LightningCLI's, but schedulers step every optimizer step, not every epoch (a fine-tuning run is
+        often shorter than one epoch), and a scheduler sized from the run (`WarmupDecay`: anything with
+        `set_total_steps`) gets the run's length, `trainer.estimated_stepping_batches` (max_steps, or epochs
+        x batches / accumulation), so no recipe states it."""
         if lr_scheduler is None:
             return optimizer
         from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+        if hasattr(lr_scheduler, "set_total_steps"):
+            lr_scheduler.set_total_steps(lightning_module.trainer.estimated_stepping_batches)
 
         if isinstance(lr_scheduler, ReduceLROnPlateau):
             return {"optimizer": optimizer,

@@ -87,7 +87,9 @@ SMALL_VIT = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, in
                  attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6)
 PRETRAIN_DATA = dict(dataset="fashion_mnist", image_size=28, batch_size=64, train_size=16000, val_size=2000,
                      mask_source="none")
-PRETRAIN_OPT = dict(lr=1e-3, weight_decay=0.05, epochs=4, lr_warmup_steps=50, lr_schedule="cosine")
+# The schedule is `WarmupDecay` with warmup_overlap (the shape this backbone was first pretrained with): the cached
+# backbone reproduces bit for bit (tests/unit/test_schedules.py checks the per-step lr against the former formula).
+PRETRAIN_OPT = dict(lr=1e-3, weight_decay=0.05, epochs=4, warmup_steps=50, decay="cosine", warmup_overlap=True)
 
 
 def load_backbone(spec: str | None, overrides: dict | None, pretrain_if_missing: bool, quiet: bool
@@ -127,9 +129,7 @@ def pretrain_backbone(out_dir: str | Path, max_steps: int = -1) -> Path:
 
     seed_everything(0)  # as the recipe's seed_everything: 0
     model = _SelfOptimizingViT(method="dense", backbone=None, vit_config=SMALL_VIT, finetune="full",
-                               adapter_bottleneck=0, pictures=0, save_backbone_to=str(out_dir),
-                               lr_warmup_steps=PRETRAIN_OPT["lr_warmup_steps"],
-                               lr_schedule=PRETRAIN_OPT["lr_schedule"])
+                               adapter_bottleneck=0, pictures=0, save_backbone_to=str(out_dir))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(max_epochs=PRETRAIN_OPT["epochs"], max_steps=max_steps, logger=False,
                           enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp,
@@ -230,9 +230,6 @@ class ViTClassifier(LightningModule):
             how the pretraining recipe fills the cache.
         pretrain_if_missing: pretrain `cache:vit-tiny-fmnist` when it is missing (else random init). Exporting
             on a machine without the cache: pass false (the checkpoint holds every weight).
-        lr_warmup_steps / lr_schedule: per-step linear warmup and "cosine" decay (to 0 at the last step) of the
-            CLI optimizer's lr; LightningCLI's `lr_scheduler:` steps per epoch, too coarse for short runs. Leave
-            `lr_scheduler:` unset when using these.
     """
 
     def __init__(self, method: str = "dense", backbone: str | None = DEFAULT_BACKBONE, vit_config: dict | None = None,
@@ -246,9 +243,9 @@ class ViTClassifier(LightningModule):
                  spa_soft_gate: bool = True, spa_row_len: int | None = None, label_weight: float = 0.01,
                  spa_rate_weight: float = 2.0,
                  kernels: str | None = None, pictures: int = 8, save_backbone_to: str | None = None,
-                 pretrain_if_missing: bool = True, lr_warmup_steps: int = 0, lr_schedule: str = "constant") -> None:
+                 pretrain_if_missing: bool = True) -> None:
         super().__init__()
-        self._validate(method, finetune, keep_rate, spa_selection, adapter_experts, lr_schedule, spa_threshold)
+        self._validate(method, finetune, keep_rate, spa_selection, adapter_experts, spa_threshold)
         self.save_hyperparameters()
         base, state = load_backbone(backbone, vit_config, pretrain_if_missing, quiet=finetune == "full")
         cfg = TokenselViTConfig(
@@ -266,7 +263,7 @@ class ViTClassifier(LightningModule):
         self._picture_batch: tuple[Tensor, list[Tensor], list[int]] | None = None
 
     @staticmethod
-    def _validate(method, finetune, keep_rate, spa_selection, experts, lr_schedule, spa_threshold=0.9) -> None:
+    def _validate(method, finetune, keep_rate, spa_selection, experts, spa_threshold=0.9) -> None:
         if method not in METHODS:
             raise ConfigError(f"model.init_args.method={method!r} is not one of {METHODS}")
         if finetune not in FINETUNE:
@@ -278,8 +275,6 @@ class ViTClassifier(LightningModule):
         if not 0.0 < spa_threshold < 1.0:
             raise ConfigError(f"model.init_args.spa_threshold={spa_threshold} must lie in (0, 1) (keep when "
                               "sigmoid(score) exceeds it)")
-        if lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"model.init_args.lr_schedule={lr_schedule!r} must be 'constant' or 'cosine'")
         if method == "spa" and experts > 1:
             raise ConfigError("model.init_args.adapter_experts > 1 (MoE adapter) routes per image and is a Dynamic "
                               "Tuning option; SPA packs tokens of several images per row: set adapter_experts: 1")
@@ -337,7 +332,6 @@ class ViTClassifier(LightningModule):
         if batch_idx == 0:
             self._check_batch(batch)
         self._anneal_tau()
-        self._schedule_lr()
         x, y = batch["pixel_values"], batch["labels"]
         out = self.model(x, mode="train")
         ce = F.cross_entropy(out.logits, y)
@@ -393,19 +387,6 @@ class ViTClassifier(LightningModule):
         tau = hp.tau * (hp.tau_end / hp.tau) ** min(1.0, self.global_step / total)
         for d in self.model.dispatchers:
             d.set_tau(tau)
-
-    def _schedule_lr(self) -> None:
-        hp = self.hparams
-        if (hp.lr_warmup_steps <= 0 and hp.lr_schedule == "constant") or self._trainer is None:
-            return
-        step, total = self.global_step, max(1, int(self.trainer.estimated_stepping_batches))
-        factor = min(1.0, (step + 1) / hp.lr_warmup_steps) if hp.lr_warmup_steps > 0 else 1.0
-        if hp.lr_schedule == "cosine":
-            factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
-        for opt in self.trainer.optimizers:
-            for group in opt.param_groups:
-                group.setdefault("tokensel_base_lr", group["lr"])  # the configured lr, remembered once
-                group["lr"] = group["tokensel_base_lr"] * factor
 
     def _eval_step(self, batch: dict, batch_idx: int, prefix: str) -> Tensor:
         if batch_idx == 0:
@@ -485,12 +466,18 @@ class ViTClassifier(LightningModule):
 
 
 class _SelfOptimizingViT(ViTClassifier):
-    """ViTClassifier with its own optimizer (the pretraining helper runs without the CLI): AdamW as in
-    `recipes/vit_pretrain.yaml` (warmup and cosine come from `lr_warmup_steps` / `lr_schedule`)."""
+    """ViTClassifier with its own optimizer and schedule (the pretraining helper runs without the CLI): AdamW and
+    `WarmupDecay` as in `recipes/vit_pretrain.yaml`, stepped per optimizer step."""
 
     def configure_optimizers(self):
-        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=PRETRAIN_OPT["lr"],
-                                 weight_decay=PRETRAIN_OPT["weight_decay"])
+        from tokensel.trainer.schedules import WarmupDecay
+
+        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=PRETRAIN_OPT["lr"],
+                                weight_decay=PRETRAIN_OPT["weight_decay"])
+        sched = WarmupDecay(opt, warmup_steps=PRETRAIN_OPT["warmup_steps"], decay=PRETRAIN_OPT["decay"],
+                            warmup_overlap=PRETRAIN_OPT["warmup_overlap"],
+                            total_steps=max(1, int(self.trainer.estimated_stepping_batches)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 __all__ = ["ViTClassifier", "TokenselViTConfig", "TokenselViTForImageClassification", "spa_layer_ids", "to_plain_vit"]
