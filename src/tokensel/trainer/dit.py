@@ -136,13 +136,20 @@ class FlowMatchingDiT(LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        """`trainer test`: the validation loss (same fixed noise / timesteps) on the data module's test loader."""
+        return self._eval_step(batch, batch_idx, "test")
+
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> Tensor:
         x0 = batch["image"]
         # Same (t, eps) for batch i in every run and every validation: dense vs LLSA differ only by the model.
         gen = torch.Generator(device="cpu").manual_seed(self.hparams.val_seed + batch_idx)
         t = torch.rand(x0.shape[0], generator=gen).to(x0.device)
         eps = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
         loss = flow_matching_loss(self.net, x0, self._labels(batch), t, eps)
-        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=x0.shape[0])
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=x0.shape[0])
         return loss
 
     def on_validation_epoch_end(self) -> None:
@@ -262,6 +269,10 @@ class FashionMNISTDiffusionData(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation images (Fashion-MNIST's t10k split, or the synthetic validation set)."""
+        return self.val_dataloader()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -460,7 +460,8 @@ class SelectiveLM(LightningModule):
                 "selected": float(denom),
                 "samples_kept": batch["labels"].shape[0] / n_samples,
                 "full_loss": float(loss_tok.detach().sum() / valid.sum().clamp_min(1)),
-                "forward_tokens": int(batch["labels"].numel())}
+                "forward_tokens": int(batch["labels"].numel()),
+                "trained_tokens": int(((w != 0) & valid).sum())}
 
     def run_steps(self) -> int:
         """Optimizer steps of the whole run (0 = unknown): `total_steps` when set by hand (scripts that step
@@ -580,16 +581,60 @@ class SelectiveLM(LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Plain mean CE over every labelled token (selector-independent, so runs compare)."""
-        loss_tok, _, valid = self.token_stats(self.model, batch, grad=False)
-        n = valid.sum()
-        mean = loss_tok.sum() / n.clamp_min(1)
-        self.log("val/loss", mean, prog_bar=True, batch_size=int(n))
-        self.log("val/ppl", torch.exp(mean), batch_size=int(n))
-        self.log("val/token_acc", self._token_accuracy(batch, valid), batch_size=int(n))
-        self._log_per_source(loss_tok, valid, batch)
+        """Plain mean CE over every labelled token (selector-independent, so runs compare). val/loss, val/ppl and
+        val/token_acc are token-weighted over the whole validation set (`_eval_epoch_end`)."""
+        self._eval_step(batch, "val")
 
-    def _log_per_source(self, loss_tok: Tensor, valid: Tensor, batch: dict) -> None:
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """`trainer test`: as validation, on the data module's test loader (its validation set), logging
+        test/loss, test/ppl and test/token_acc."""
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _eval_means(self, stage: str) -> dict:
+        """Token-weighted running means of one stage (loss, token accuracy), synced across ranks on compute
+        (torchmetrics), made on first use on the module's device; float64 sums where the device has them."""
+        from torchmetrics.aggregation import MeanMetric
+
+        means = self.__dict__.setdefault("_eval_metrics", {})
+        if stage not in means:
+            means[stage] = {k: MeanMetric().to(self.device) for k in ("loss", "token_acc")}
+            if self.device.type != "mps":
+                for m in means[stage].values():
+                    m.set_dtype(torch.float64)
+        return means[stage]
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        """One pass of the backbone: per-token losses and, from the same hidden rows, greedy accuracy."""
+        rows: dict = {}
+        loss_tok, _, valid = self.token_stats(self.model, batch, grad=False, rows_out=rows)
+        correct = self._token_accuracy(rows["hidden"], batch["labels"][rows["b"], rows["t"]])
+        means = self._eval_means(stage)
+        dtype = means["loss"].mean_value.dtype
+        means["loss"].update(loss_tok[rows["b"], rows["t"]].to(dtype))
+        means["token_acc"].update(correct.to(dtype))
+        self._log_per_source(loss_tok, valid, batch, stage)
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        """loss = sum of token losses / token count over the whole set and all ranks, ppl = exp(loss) (not a
+        mean of per-batch exps), token_acc = correct / token count. No labelled token at all gives nan."""
+        means = self.__dict__.get("_eval_metrics", {}).get(stage)
+        if not means:
+            return
+        loss, acc = means["loss"].compute().float(), means["token_acc"].compute().float()
+        for m in means.values():
+            m.reset()
+        # already reduced over ranks; sync_dist only keeps Lightning from warning about epoch-level logging
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=True)
+        self.log(f"{stage}/token_acc", acc, sync_dist=True)
+
+    def _log_per_source(self, loss_tok: Tensor, valid: Tensor, batch: dict, stage: str = "val") -> None:
         """`val/loss/<source>` for each validation source of a multi-source run (token-weighted over the epoch,
         like val/loss): a mixture's sources are judged one by one, not only through their blend."""
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
@@ -601,22 +646,21 @@ class SelectiveLM(LightningModule):
             m = valid & (src == s)
             k = int(m.sum())
             if k:
-                self.log(f"val/loss/{name}", loss_tok[m].sum() / k, batch_size=k)
+                self.log(f"{stage}/loss/{name}", loss_tok[m].sum() / k, batch_size=k)
 
-    def _token_accuracy(self, batch: dict, valid: Tensor) -> Tensor:
-        """Greedy next-token accuracy, argmax computed chunk by chunk (no full logits)."""
-        backbone, weight, bias, _ = backbone_and_head(self.model)
-        from tokensel.trainer.data import model_attention_mask
-
-        mask = model_attention_mask(batch, backbone)
-        hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask,
-                          position_ids=batch.get("position_ids")).last_hidden_state
-        b, t = valid.nonzero(as_tuple=True)
-        h, y = hidden[b, t - 1], batch["labels"][b, t]
+    def _token_accuracy(self, hidden: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
+        """Per labelled row, whether the greedy next token is the target (bool `[n]`). Reads the hidden rows of
+        the loss pass (`token_stats(rows_out=...)`): no second backbone forward, and the argmax runs chunk by
+        chunk (no full logits). Softcapping is monotonic, so it leaves the argmax as it is."""
+        _, weight, bias, _ = backbone_and_head(self.model)
+        out = []
         with gathered(weight, bias):  # ZeRO-3: the full head weight (no grad here)
-            correct = sum(int(((h[s:s + 1024] @ weight.t() + (0 if bias is None else bias)).argmax(-1)
-                               == y[s:s + 1024]).sum()) for s in range(0, h.shape[0], 1024))
-        return torch.tensor(correct / max(1, h.shape[0]))
+            for s in range(0, hidden.shape[0], chunk):
+                logits = hidden[s:s + chunk] @ weight.t()
+                if bias is not None:
+                    logits = logits + bias
+                out.append(logits.argmax(-1) == targets[s:s + chunk])
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=targets.device)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[tuple[int, Tensor, int]]:
         """Per sample of a padded or packed batch: (sample id, per-token losses `[n]` indexed by token

@@ -306,6 +306,11 @@ class TextDataModule(LightningDataModule, abc.ABC):
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
                           num_workers=self.num_workers)
 
+    def test_dataloader(self) -> DataLoader | list:
+        """`trainer test` reads the validation set (`val_files`, else the `val_fraction` held out): no sample
+        of it is trained on, and there is no separate test split."""
+        return self.val_dataloader()
+
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
                           num_workers=self.num_workers)
