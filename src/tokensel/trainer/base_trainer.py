@@ -133,6 +133,10 @@ class TokenselTrainer(Trainer):
 
         if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
             callbacks.append(NonFiniteGuard(on_nonfinite))
+        from tokensel.trainer.throughput import Throughput  # tokens/s, trained tokens, peak memory (perf/*)
+
+        if not any(isinstance(c, Throughput) for c in callbacks):
+            callbacks.append(Throughput())
         if kwargs.get("enable_progress_bar") is None:  # a bar only on a terminal; cluster logs get summaries
             kwargs["enable_progress_bar"] = sys.stdout.isatty()
         if summary_every_n_steps is None:

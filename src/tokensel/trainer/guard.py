@@ -146,15 +146,25 @@ class NonFiniteGuard(Callback):
 
 
 class StepSummary(Callback):
-    """One line every `every_n_steps` optimizer steps on rank 0 (step, loss, keep ratio, lr, it/s), for logs
-    without a progress bar. 0 = off."""
+    """One line every `every_n_steps` optimizer steps on rank 0 (step, loss, keep ratio, lr, it/s and, with the
+    `Throughput` callback on, forwarded tokens/s, trained (selected) tokens/s and per step, peak memory), for
+    logs without a progress bar. 0 = off."""
 
     def __init__(self, every_n_steps: int = 50) -> None:
         self.every_n_steps = every_n_steps
         self._t0 = self._s0 = None
+        self._since: dict | None = None
+
+    @staticmethod
+    def _throughput(trainer):
+        from tokensel.trainer.throughput import Throughput
+
+        return next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._t0, self._s0 = time.perf_counter(), trainer.global_step
+        tp = self._throughput(trainer)
+        self._since = tp.snapshot() if tp is not None else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -169,4 +179,20 @@ class StepSummary(Callback):
         self._t0, self._s0 = now, step
         total = f"/{trainer.max_steps}" if trainer.max_steps and trainer.max_steps > 0 else ""
         print(f"tokensel: step {step}{total} loss {_fmt(loss)} keep {_fmt(keep, '.3f')} lr {_fmt(lr, '.3g')} "
-              f"{rate:.2f} it/s", flush=True)
+              f"{rate:.2f} it/s{self._perf(trainer)}", flush=True)
+
+    def _perf(self, trainer) -> str:
+        """` tok/s N trained tok/s N trained/step N mem X GiB` since the last line (all ranks), or ''."""
+        tp = self._throughput(trainer)
+        if tp is None:
+            return ""
+        w = tp.window(self._since or {})
+        self._since = tp.snapshot()
+        parts = []
+        if "perf/forward_tokens_per_s" in w:
+            parts.append(f"tok/s {w['perf/forward_tokens_per_s']:.0f} trained tok/s "
+                         f"{w['perf/trained_tokens_per_s']:.0f} trained/step {w['perf/trained_tokens_per_step']:.0f}")
+        else:
+            parts.append(f"samples/s {w['perf/samples_per_s']:.1f}")
+        parts.append(f"mem {w['perf/peak_mem_gib']:.2f} GiB")
+        return " " + " ".join(parts)
