@@ -285,7 +285,11 @@ def resolve_ckpt_path(ckpt_path: str, root: str) -> str:
 
 
 def load_checkpoint_into(model: LightningModule, path: str) -> None:
-    """Load a Lightning `.ckpt` file, or a DeepSpeed checkpoint directory, into `model`."""
+    """Load a Lightning `.ckpt` file, or a DeepSpeed checkpoint directory, into `model`.
+
+    The module's `on_load_checkpoint` runs first, as on resume: a lean checkpoint (frozen base left out,
+    `tokensel.trainer.lean`) gets the base the config built, once its fingerprint matches."""
+    ckpt = None
     if Path(path).is_dir():
         # ZeRO shards (any stage, any number of ranks) consolidated to fp32 in this one process
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -294,9 +298,14 @@ def load_checkpoint_into(model: LightningModule, path: str) -> None:
         state = {k.removeprefix("_forward_module."): v for k, v in state.items()}
     else:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = ckpt["state_dict"]
     if hasattr(model, "configure_model"):
         model.configure_model()
+    if ckpt is not None:
+        try:
+            model.on_load_checkpoint(ckpt)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        state = ckpt["state_dict"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     trainable_missing = [k for k in missing if not _frozen_key(model, k)]
     if trainable_missing or unexpected:

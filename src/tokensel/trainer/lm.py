@@ -560,6 +560,10 @@ class SelectiveLM(LightningModule):
                 v.mul_(self.ema_decay).add_(params[n].detach().to(v.device), alpha=1 - self.ema_decay)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A lean checkpoint (no frozen base) gets the base this config built, after its fingerprint matches."""
+        from tokensel.trainer.lean import restore_frozen
+
+        restore_frozen(self, checkpoint, self.frozen_base_source(), self.checkpoint_skip_prefixes)
         if "ema_history" in checkpoint:
             self._ema = {k: v.clone() for k, v in checkpoint["ema_history"]["weights"].items()}
             self._ema_step = int(checkpoint["ema_history"]["step"])
@@ -679,10 +683,25 @@ class SelectiveLM(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints and export
 
+    def frozen_base_source(self) -> str:
+        """Where the frozen base comes from, as a checkpoint's fingerprint names it."""
+        if self.model_config is not None:
+            cfg = self.model_config
+            return f"model_config ({cfg.get('model_type')}, seed {cfg.get('seed', 0)})"
+        return str(self.model_name)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Frozen weights (reference / teacher models, the base under LoRA) stay out; the base leaves a
+        fingerprint (`tokensel.trainer.lean`). DeepSpeed writes its own folders (state_dict unused there)."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        from tokensel.trainer.lean import strip_frozen
+
         sd = checkpoint.get("state_dict", {})
         for k in [k for k in sd if k.startswith(self.checkpoint_skip_prefixes)]:
             del sd[k]
+        if not (self._trainer is not None and isinstance(self._trainer.strategy, DeepSpeedStrategy)):
+            strip_frozen(self, checkpoint, self.frozen_base_source(), self.checkpoint_skip_prefixes)
         if self._ema is not None:
             checkpoint["ema_history"] = {"weights": {k: v.detach().cpu() for k, v in self._ema.items()},
                                          "step": self._ema_step}

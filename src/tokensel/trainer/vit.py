@@ -228,8 +228,10 @@ class ViTClassifier(LightningModule):
         pictures: sample images drawn at each validation end (0 = none).
         save_backbone_to: after fit, write the model as a plain ViT folder here (`cache:<name>` allowed):
             how the pretraining recipe fills the cache.
-        pretrain_if_missing: pretrain `cache:vit-tiny-fmnist` when it is missing (else random init). Exporting
-            on a machine without the cache: pass false (the checkpoint holds every weight).
+        pretrain_if_missing: pretrain `cache:vit-tiny-fmnist` when it is missing (else random init). A frozen
+            backbone (finetune adapter / head) is not in checkpoints: resuming or exporting rebuilds it from
+            `backbone` and refuses one whose fingerprint differs; with finetune full or a random-init backbone
+            the checkpoint holds every weight.
     """
 
     def __init__(self, method: str = "dense", backbone: str | None = DEFAULT_BACKBONE, vit_config: dict | None = None,
@@ -314,8 +316,26 @@ class ViTClassifier(LightningModule):
         """Logits `[B, num_labels]` (training decisions in train mode, hard ones in eval)."""
         return self.model(pixel_values, mode=None if self.training else self.eval_mode).logits
 
+    def _frozen_base_source(self) -> str:
+        return f"backbone {self.hparams.backbone}"
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """A frozen backbone (finetune adapter / head) loaded from `backbone` stays out of the checkpoint; its
+        fingerprint stays in. A random-init backbone (null, or a cache entry that is missing) is kept: the
+        config alone cannot rebuild it."""
+        from tokensel.trainer.lean import strip_frozen
+
+        spec = self.hparams.backbone
+        if spec is None or (spec.startswith("cache:") and not (resolve_backbone_path(spec) / "config.json").exists()):
+            return
+        strip_frozen(self, checkpoint, self._frozen_base_source())
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Checkpoints written before dispatchers had a keep offset load with offset 0 (the paper's rule)."""
+        """A lean checkpoint gets the backbone this config built (after its fingerprint matches); checkpoints
+        written before dispatchers had a keep offset load with offset 0 (the paper's rule)."""
+        from tokensel.trainer.lean import restore_frozen
+
+        restore_frozen(self, checkpoint, self._frozen_base_source())
         state = checkpoint.get("state_dict", {})
         for key, value in self.state_dict().items():
             if key.endswith(".offset") and key not in state:
