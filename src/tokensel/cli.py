@@ -2,7 +2,7 @@
 
     trainer fit --config recipes/sstoken.yaml
     trainer fit --config recipes/rho1.yaml --model.selector.init_args.k 0.7
-    trainer export --config recipes/rho1.yaml --ckpt_path checkpoints/rho1/last.ckpt --out exported/rho1
+    trainer export --config recipes/rho1.yaml --ckpt_path last --out exported/rho1
 
 Models and data modules are chosen by `class_path` (subclass mode), so every LightningModule /
 LightningDataModule in `tokensel.trainer` can be named by its short class name; selectors, losses and
@@ -41,9 +41,9 @@ class _DropMessages(logging.Filter):
 def quiet_third_party() -> None:
     """Silence the litlogger tip, torch's LeafSpec deprecation (raised inside Lightning), transformers'
     checkpointing rename notice and DeepSpeed's CPU-accelerator warning. Our own messages are untouched.
-    Also Lightning's "Checkpoint directory ... exists and is not empty": the run folder holds the CSV logs
-    and both checkpoint callbacks, so it fired on every fresh run; a rerun never overwrites an earlier
-    run's checkpoints (Lightning versions the names) and `last` / `best` resolve to the newest file."""
+    Also Lightning's "Checkpoint directory ... exists and is not empty": the run folder holds the CSV logs,
+    the run's config and both checkpoint callbacks, so it fired on every run; a fresh fit into a folder that
+    holds checkpoints is refused before it starts (`configure_run_dirs`), and a resume continues its own."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated.*")
@@ -227,9 +227,10 @@ class TokenselCLI(LightningCLI):
         return subs
 
     def add_arguments_to_parser(self, parser) -> None:
-        # One place for run naming: checkpoints/<run_name>/ holds checkpoints, logs and the config.
+        # One place for run naming: the run folder holds checkpoints, logs and the config (configure_run_dirs).
         parser.add_argument("--run_name", type=str | None, default=None,
-                            help="Run folder under checkpoints/ (default: the recipe file's stem).")
+                            help="Run folder under checkpoints/ (default: <recipe stem>/<hash of the resolved "
+                                 "config>, so each sweep value gets its own folder and a rerun finds its own).")
 
     def instantiate_classes(self) -> None:
         """Instantiate as LightningCLI does; a value the parser accepted but a class rejects (a negative
@@ -254,6 +255,24 @@ class TokenselCLI(LightningCLI):
         from tokensel.trainer.base_trainer import configure_run_dirs
 
         configure_run_dirs(self.config, self.subcommand, sys.argv)
+
+    def after_instantiate_classes(self) -> None:
+        """Hand the trainer the resolved config (`run_config`: written to the run folder when fitting and
+        into every export as `tokensel_config.yaml`), and give a data module that records no hyperparameters
+        of its own its settings under `data`, so hparams.yaml and every logger show them."""
+        import yaml
+
+        cfg = self.config.get(str(self.subcommand), self.config)
+        text = self._parser(self.subcommand).dump(cfg, skip_none=False)
+        self.trainer.run_config = text
+        dm = getattr(self, "datamodule", None)
+        if dm is not None and not dm.hparams:
+            data = (yaml.safe_load(text) or {}).get("data") or {}
+            if isinstance(data, dict) and data:
+                flat = {"class_path": data.get("class_path"), **(data.get("init_args") or {})}
+                from tokensel.trainer.base_trainer import log_hparams
+
+                log_hparams(dm, {"data": flat})
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> TokenselCLI:

@@ -85,7 +85,8 @@ class RNGState(Callback):
 class TokenselTrainer(Trainer):
     """`lightning.pytorch.Trainer` with tokensel defaults.
 
-    * Checkpoints go to `default_root_dir` (the CLI sets `checkpoints/<run_name>`): `last.ckpt` every
+    * Checkpoints go to `default_root_dir` (the CLI sets the run folder: `checkpoints/<recipe>/<config hash>`
+      or `checkpoints/<run_name>`, see `configure_run_dirs`): `last.ckpt` every
       `save_every_n_steps` (and at each validation / epoch end and when training ends) plus `best-step=N.ckpt`
       by `val/loss`, all written atomically.
     * `export(...)` is the `trainer export` verb.
@@ -167,52 +168,91 @@ class TokenselTrainer(Trainer):
 
     def fit(self, model, train_dataloaders=None, val_dataloaders=None, datamodule=None, ckpt_path=None,
             **kwargs):
-        """`Trainer.fit`, refusing (with what to do) a resume the checkpoint format cannot honour, such as a
-        DeepSpeed ZeRO checkpoint under another world size."""
+        """`Trainer.fit`, resolving `last` / `best` in the run folder (`default_root_dir`; an error when it
+        holds none, not a silent fresh start), saying in one line which folder and checkpoint the run uses, and
+        refusing (with what to do) a resume the checkpoint format cannot honour, such as a DeepSpeed ZeRO
+        checkpoint under another world size. With `run_config` set (the CLI sets it) the resolved config is
+        written to `<run folder>/tokensel_config.yaml` on rank 0."""
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
         from tokensel.trainer.strategies import check_resume
 
         if ckpt_path is not None:
-            path = ckpt_path
             if ckpt_path in ("last", "best"):
-                try:
-                    path = resolve_ckpt_path(ckpt_path, self.default_root_dir)
-                except TokenselError:
-                    path = None  # Lightning reports a missing last / best itself
-            check_resume(path, self.strategy, self.world_size)
+                ckpt_path = resolve_ckpt_path(ckpt_path, self.default_root_dir)
+            check_resume(ckpt_path, self.strategy, self.world_size)
+        if self.is_global_zero and getattr(rank_zero_only, "rank", 0) == 0:  # once, also before DDP launches
+            resumed = f"; resuming {ckpt_path}" if ckpt_path is not None else ""
+            print(f"tokensel: run folder {self.default_root_dir}{resumed}")
+        if getattr(self, "run_config", None) and not any(isinstance(c, _RunConfigFile) for c in self.callbacks):
+            self.callbacks.append(_RunConfigFile(self.run_config))
         return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
 
     def export(self, model: LightningModule, datamodule: LightningDataModule | None = None,
                ckpt_path: str | None = None, out: str = "exported", adapter_only: bool = False,
-               dtype: str | None = None) -> str:
-        """Write a Hugging Face folder from a checkpoint.
+               dtype: str | None = None, allow_untrained: bool = False) -> str:
+        """Write a Hugging Face folder from a checkpoint, with the run's resolved training config beside the
+        weights (`tokensel_config.yaml`).
 
         Args:
             ckpt_path: a Lightning checkpoint file, `last` / `best` (resolved in the run folder), or a
-                DeepSpeed checkpoint directory (consolidated first). Without it the model's initial weights
-                are exported.
+                DeepSpeed checkpoint directory (consolidated first). Required unless `allow_untrained`.
             out: destination folder (written to `out.tmp` and renamed, so a failed export leaves nothing).
             adapter_only: with LoRA, write a PEFT adapter folder instead of merged weights.
             dtype: float32 | bfloat16 | float16: the dtype of the written weights (default: as trained).
+            allow_untrained: export the model's initial weights when no `ckpt_path` is given.
         """
         export_dtype(dtype)  # a bad value fails before the checkpoint is read
         if not hasattr(model, "export_hf"):
             raise ConfigError(f"{type(model).__name__} has no export_hf(); this model type cannot be exported")
+        if ckpt_path is None and not allow_untrained:
+            raise ConfigError("trainer export: no --ckpt_path; pass --ckpt_path last, best or a checkpoint file, "
+                              "or --allow_untrained true to export the initial weights")
+        config_text = getattr(self, "run_config", None)
         if ckpt_path is not None:
             path = resolve_ckpt_path(ckpt_path, self.default_root_dir)
             load_checkpoint_into(model, path)
+            trained = Path(path).parent / RUN_CONFIG
+            if trained.is_file():  # the config that trained these weights, not the one export parsed
+                config_text = trained.read_text()
+            elif config_text:
+                config_text = (f"# tokensel: no {RUN_CONFIG} beside {path}; this is the config "
+                               "`trainer export` parsed\n" + config_text)
+            if self.is_global_zero:
+                print(f"tokensel: exporting {path}")
         model.eval()
-        return write_export(model, out, adapter_only=adapter_only, datamodule=datamodule, dtype=dtype)
+        return write_export(model, out, adapter_only=adapter_only, datamodule=datamodule, dtype=dtype,
+                            config_text=config_text)
+
+
+class _RunConfigFile(Callback):
+    """Write the resolved fit config to `<run folder>/tokensel_config.yaml` on rank 0 when fitting starts, so
+    exports and `--ckpt_path FILE` resumes find the config that trained the folder's checkpoints."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            root = Path(trainer.default_root_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = root / (RUN_CONFIG + ".tmp")
+            tmp.write_text(self.text)
+            os.replace(tmp, root / RUN_CONFIG)
 
 
 def write_export(model: LightningModule, out: str, adapter_only: bool = False, datamodule=None,
-                 dtype: str | None = None) -> str:
-    """`model.export_hf` into `out.tmp`, then rename over `out`: a failed export leaves nothing behind."""
+                 dtype: str | None = None, config_text: str | None = None) -> str:
+    """`model.export_hf` into `out.tmp` (plus `config_text`, the resolved training config, as
+    `tokensel_config.yaml`), then rename over `out`: a failed export leaves nothing behind."""
     out_path = Path(out)
     tmp = out_path.with_name(out_path.name + ".tmp")
     fs = get_filesystem(str(tmp))
     if fs.exists(str(tmp)):
         fs.rm(str(tmp), recursive=True)
     model.export_hf(str(tmp), adapter_only=adapter_only, datamodule=datamodule, dtype=dtype)
+    if config_text:
+        (tmp / RUN_CONFIG).write_text(config_text)
     if out_path.exists():
         import shutil
 
@@ -246,10 +286,43 @@ class ExportOnFitEnd(Callback):
             was_training = pl_module.training
             pl_module.eval()
             write_export(pl_module, self.out, adapter_only=self.adapter_only, datamodule=trainer.datamodule,
-                         dtype=self.dtype)
+                         dtype=self.dtype, config_text=getattr(trainer, "run_config", None))
             pl_module.train(was_training)
         trainer.strategy.barrier("export_on_fit_end")
 
+
+def log_hparams(obj, extra: dict) -> None:
+    """Add `extra` to what `obj` (a LightningModule / DataModule) logs as hyperparameters (`hparams_initial`:
+    hparams.yaml and every logger), but not to its checkpointed `hparams`: those stay its constructor's
+    arguments, which `load_from_checkpoint` and the CLI's `--ckpt_path FILE` pass back to it."""
+    obj.save_hyperparameters(extra)
+    for k in extra:
+        obj.hparams.pop(k, None)
+
+
+def selector_hparams(selector) -> dict:
+    """`{selector_class, selector_args}`: the selector and its settings, for `log_hparams`. The arguments are
+    the constructor's, read back from the attributes the selector keeps (same name, or `attn_<name>` /
+    `<name>_name`); plain values only."""
+    import inspect
+
+    if selector is None:
+        return {"selector_class": None, "selector_args": {}}
+    cls = type(selector)
+    plain = (bool, int, float, str, type(None))
+    args = {}
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        for attr in (name, f"attn_{name}", f"{name}_name"):
+            if hasattr(selector, attr):
+                v = getattr(selector, attr)
+                if isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v):
+                    v = list(v)
+                if isinstance(v, plain) or isinstance(v, list):
+                    args[name] = v
+                break
+    return {"selector_class": f"{cls.__module__}.{cls.__qualname__}", "selector_args": args}
 
 def _check_trainer_nulls(kwargs: dict) -> None:
     """`trainer.max_steps: null` and the like pass the parser (it allows null) but crash deep in Lightning:
@@ -266,18 +339,24 @@ def _check_trainer_nulls(kwargs: dict) -> None:
 
 
 def resolve_ckpt_path(ckpt_path: str, root: str) -> str:
-    """`last` / `best` name the newest such file in the run folder; anything else must exist.
+    """`last` / `best` name such a file in the run folder `root` (never one anywhere else); anything else
+    must exist.
 
-    Newest by modification time, as Lightning resolves `last`: a second run under the same run name
-    writes `last-v1.ckpt` (Lightning never overwrites an earlier run's file), and `last` must then mean
-    that run's weights, not the stale `last.ckpt`.
+    `last.ckpt` itself when present; else the newest `last*.ckpt` by modification time (a script that fits
+    twice in one folder gets `last-v1.ckpt` from Lightning, and `last` then means that fit's weights). A
+    fresh CLI fit into a folder that holds checkpoints is refused, so there the question does not arise.
     """
     if ckpt_path in ("last", "best"):
         folder = Path(root)
         cands = list(folder.glob(f"{ckpt_path}*.ckpt"))  # files, or folders (DeepSpeed); never `.ckpt.tmp`
         if not cands:
-            raise TokenselError(f"--ckpt_path {ckpt_path}: no {ckpt_path} checkpoint in {folder}/; "
-                                "train first or pass a checkpoint file")
+            others = [str(p) for p in run_folders(folder.parent) if p != folder]
+            hint = f"; other runs of this recipe: {', '.join(others[:5])} (pass the overrides they ran with, " \
+                   "or --run_name)" if others else ""
+            raise TokenselError(f"--ckpt_path {ckpt_path}: no {ckpt_path} checkpoint in {folder}/ (this config's "
+                                f"run folder){hint}; train first or pass a checkpoint file")
+        if ckpt_path == "last" and (folder / "last.ckpt").exists():
+            return str(folder / "last.ckpt")
         return str(max(cands, key=lambda c: (c.stat().st_mtime_ns, c.name)))
     if not Path(ckpt_path).exists():
         raise TokenselError(f"--ckpt_path {ckpt_path}: no such file or directory")
@@ -320,16 +399,100 @@ def _frozen_key(model: LightningModule, key: str) -> bool:
     return any(key.startswith(p) for p in skip)
 
 
+# The run folder is named by what a run trains. These keys do not rename it: where and how it runs, logs and
+# shows progress, and how long it runs (so `--trainer.max_steps 2000 --ckpt_path last` continues a run, and
+# `trainer export` needs only the recipe and the overrides that changed the model). `seed_everything: true`
+# draws a new seed, so such runs each get a folder of their own.
+RUN_CONFIG = "tokensel_config.yaml"  # the resolved fit config, in the run folder and in every export
+NOT_RUN_KEYS = {
+    "trainer": {"default_root_dir", "logger", "enable_progress_bar", "enable_model_summary", "summary_every_n_steps",
+                "log_every_n_steps", "enable_checkpointing", "save_every_n_steps", "max_steps", "min_steps",
+                "max_epochs", "min_epochs", "max_time", "val_check_interval", "check_val_every_n_epoch",
+                "limit_val_batches", "limit_test_batches", "limit_predict_batches", "num_sanity_val_steps",
+                "accelerator", "devices", "num_nodes", "profiler", "detect_anomaly", "barebones", "fast_dev_run",
+                "inference_mode", "model_registry", "enable_autolog_hparams"},
+    "data": {"num_workers", "num_proc", "cache", "cache_dir"},
+}
+RUN_SECTIONS = ("seed_everything", "model", "data", "optimizer", "lr_scheduler", "trainer")
+
+
+def run_fingerprint(cfg) -> str:
+    """8 hex digits of a hash of the resolved config's model, data, optimizer, scheduler, seed and trainer
+    sections, less `NOT_RUN_KEYS`; other top-level keys (ckpt_path, run_name, config, the export options)
+    never count. Equal for `fit` and `export` / `validate` / `test` of one recipe with the same overrides."""
+    import hashlib
+    import json
+
+    d = cfg.clone().as_dict() if hasattr(cfg, "as_dict") else dict(cfg)
+    ident = {k: d.get(k) for k in RUN_SECTIONS}
+    trainer = ident["trainer"]
+    if isinstance(trainer, dict):
+        ident["trainer"] = {k: v for k, v in trainer.items() if k not in NOT_RUN_KEYS["trainer"]}
+    data = ident["data"]
+    if isinstance(data, dict) and isinstance(data.get("init_args"), dict):
+        ident["data"] = {**data, "init_args": {k: v for k, v in data["init_args"].items()
+                                               if k not in NOT_RUN_KEYS["data"]}}
+    blob = json.dumps(ident, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def run_folders(parent: Path) -> list[Path]:
+    """Run folders directly under `parent` (those holding a run config or a checkpoint), newest first."""
+    if not parent.is_dir():
+        return []
+    found = [p for p in parent.iterdir() if p.is_dir() and ((p / RUN_CONFIG).exists() or _checkpoints_in(p))]
+    return sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def _checkpoints_in(folder: Path) -> list[Path]:
+    """`last*.ckpt` / `best*.ckpt` files or DeepSpeed folders in `folder` (never `.tmp` leftovers)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for pat in ("last*.ckpt", "best*.ckpt") for p in folder.glob(pat))
+
+
 def configure_run_dirs(config, subcommand: str | None, argv: list[str]) -> None:
-    """Default `trainer.default_root_dir` to `checkpoints/<run_name>`; run_name defaults to the recipe stem."""
+    """Choose the run folder (`trainer.default_root_dir`, unless given) before anything is built:
+
+    * `--run_name X`: `checkpoints/X` (X may hold a slash);
+    * `--ckpt_path FILE` inside a run folder (one holding `tokensel_config.yaml`): that folder, so the run
+      continues in place;
+    * else `checkpoints/<first config file's stem>/<run_fingerprint>`: a new config (a sweep value) gets a new
+      folder, the same command the same folder.
+
+    `run_name` is set to the folder under `checkpoints/`, so the saved config reruns into it. Refused with one
+    line, before any model loads: a fresh `fit` into a folder that already holds checkpoints (resume it, or name
+    another run: a rerun never writes `last-v1.ckpt` beside an older run's `last.ckpt`), a `last` / `best` that
+    is not there, and `export` without a checkpoint (unless `--allow_untrained true`) or with a bad `--dtype`.
+    """
     cfg = config[subcommand] if subcommand else config  # run=False: no subcommand level
-    run_name = cfg.get("run_name")
-    if not run_name:
-        cfgs = cfg.get("config") or []
-        run_name = Path(str(cfgs[0])).stem if cfgs else "run"
-        cfg["run_name"] = run_name
     trainer_cfg = cfg["trainer"]
     if trainer_cfg is None:
         raise ConfigError("key 'trainer' is null; give a mapping of trainer settings or leave it out")
+    run_name = cfg.get("run_name")
+    ckpt = cfg.get("ckpt_path")
     if not trainer_cfg.get("default_root_dir"):
-        trainer_cfg["default_root_dir"] = str(Path(CHECKPOINT_ROOT) / run_name)
+        if run_name:
+            root = Path(CHECKPOINT_ROOT) / run_name
+        elif ckpt not in (None, "last", "best") and (Path(str(ckpt)).parent / RUN_CONFIG).exists():
+            root = Path(str(ckpt)).parent
+        else:
+            cfgs = cfg.get("config") or []
+            recipe = Path(str(cfgs[0])).stem if cfgs else "run"
+            root = Path(CHECKPOINT_ROOT) / recipe / run_fingerprint(cfg)
+        trainer_cfg["default_root_dir"] = str(root)
+        if not run_name:
+            rel = root.relative_to(CHECKPOINT_ROOT) if root.is_relative_to(CHECKPOINT_ROOT) else None
+            cfg["run_name"] = str(rel) if rel is not None else None
+    root = Path(trainer_cfg["default_root_dir"])
+    if subcommand == "fit" and ckpt is None and (held := _checkpoints_in(root)):
+        raise ConfigError(f"{root}/ already holds a run of this config ({held[0].name}); resume it with "
+                          "--ckpt_path last, or start another with --run_name NAME (or remove the folder)")
+    if subcommand == "export":
+        export_dtype(cfg.get("dtype"))
+        if ckpt is None and not cfg.get("allow_untrained"):
+            raise ConfigError(f"trainer export: no --ckpt_path; pass --ckpt_path last (this config's run: "
+                              f"{root}/), best or a checkpoint file, or --allow_untrained true to export the "
+                              "initial weights")
+    if subcommand is not None and ckpt in ("last", "best"):
+        resolve_ckpt_path(ckpt, str(root))  # fail now, not after the model loaded

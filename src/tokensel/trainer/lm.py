@@ -133,6 +133,9 @@ class SelectiveLM(LightningModule):
         self.save_hyperparameters(ignore=["selector", "report"])
         self.report = report
         self.selector = selector if selector is not None else FullSelection()
+        from tokensel.trainer.base_trainer import log_hparams, selector_hparams
+
+        log_hparams(self, selector_hparams(self.selector))  # hparams.yaml and every logger name the selector
         self.model_name, self.model_config = model, model_config
         self.normaliser, self.kernels, self.chunk_size = normaliser, kernels, chunk_size
         self.dtype_name, self.attn_implementation = dtype, attn_implementation
