@@ -4,6 +4,7 @@
 from tokensel.trainer.base_trainer import ExportOnFitEnd, TokenselTrainer
 from tokensel.trainer.data import PretrainDataModule, SFTDataModule
 from tokensel.trainer.dit import *  # noqa: F401,F403
+from tokensel.trainer.generation import GenerationEval  # noqa: F401
 from tokensel.trainer.lm import LoRA, SelectiveLM
 from tokensel.trainer.report import SelectionReport  # noqa: F401
 from tokensel.trainer.strategies import CPUDeepSpeedStrategy  # noqa: F401

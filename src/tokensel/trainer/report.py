@@ -3,7 +3,9 @@ PNG plots of the keep ratio and score histograms over training. Written every `e
 steps and at the end of training, so a person sees at a glance what the selector does.
 
 Reads `SelectiveLM.last_selection` (input ids, labels-valid mask, weights and the selector's score of the
-last micro-batch) and `last_step_info["keep_ratio"]`; any module exposing those works.
+last micro-batch) and `last_step_info["keep_ratio"]`; any module exposing those works. With `GenerationEval` on,
+the last validation's decoded samples and exact match are shown too. When a TensorBoard or Weights & Biases
+logger is on, the plots and the page are also logged there (`selection/*`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class SelectionReport(Callback):
         self.n_samples, self.max_scores = n_samples, max_scores
         self.history: list[dict] = []
         self.last: dict | None = None
+        self.generations: dict | None = None  # set by GenerationEval: {stage, step, exact_match, rows, ...}
         self._written_at = -1
 
     def _dir(self, trainer) -> Path:
@@ -78,7 +81,32 @@ class SelectionReport(Callback):
         (d / "report.html").write_text(self.render_html(tok, selector), encoding="utf-8")
         (d / "history.json").write_text(json.dumps([{"step": r["step"], "keep_ratio": r["keep_ratio"]}
                                                     for r in self.history]))
+        self.log_to_loggers(trainer, d)
         return d
+
+    def log_to_loggers(self, trainer, d: Path) -> None:
+        """The plots and the HTML page to the TensorBoard / Weights & Biases loggers that are on (none needs
+        importing unless it is the run's logger)."""
+        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+        step = int(trainer.global_step)
+        pngs = [p for p in (d / "keep_ratio.png", d / "score_hist.png") if p.exists()]
+        page = (d / "report.html").read_text(encoding="utf-8")
+        for logger in getattr(trainer, "loggers", None) or []:
+            if isinstance(logger, TensorBoardLogger):
+                import matplotlib.image
+
+                exp = logger.experiment
+                for p in pngs:
+                    exp.add_image(f"selection/{p.stem}", matplotlib.image.imread(p)[..., :3], step,
+                                  dataformats="HWC")
+                exp.add_text("selection/report", page, step)
+            elif isinstance(logger, WandbLogger):
+                import wandb
+
+                # through log_metrics: W&B's x-axis is Lightning's trainer/global_step there
+                logger.log_metrics({**{f"selection/{p.stem}": wandb.Image(str(p)) for p in pngs},
+                                    "selection/report": wandb.Html(page)}, step=step)
 
     def _plots(self, d: Path) -> None:
         import matplotlib
@@ -142,8 +170,23 @@ class SelectionReport(Callback):
                 kept = int(((w[b] > 0) & valid[b]).sum())
                 parts.append(f"<h3>sample {b}: {kept}/{int(valid[b].sum())} tokens kept</h3>"
                              f"<div class='s'>{''.join(spans)}</div>")
+        parts += self._generation_html()
         parts.append("</body></html>")
         return "\n".join(parts)
+
+    def _generation_html(self) -> list[str]:
+        g = self.generations
+        if not g:
+            return []
+        out = [f"<h2>Generations ({html.escape(g['stage'])}, step {g['step']}): exact match "
+               f"{g['exact_match']:.3f} ({html.escape(g.get('answer', ''))} answers)</h2>"]
+        for i, r in enumerate(g["rows"]):
+            mark = "correct" if r["correct"] else "wrong"
+            out.append(f"<h3>prompt {i}: {mark} (answer {html.escape(str(r['answer']))}, reference "
+                       f"{html.escape(str(r['reference_answer']))})</h3>"
+                       f"<div class='s'><span class='p'>{html.escape(r.get('prompt', ''))}</span>"
+                       f"<span class='k'>{html.escape(r.get('output', ''))}</span></div>")
+        return out
 
 
 def _token_text(tokenizer, tid: int) -> str:
