@@ -293,7 +293,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> TokenselCLI:
 def main(args: list[str] | None = None) -> None:
     """Console entry point: clear one-line errors for bad input, non-zero exit, no traceback."""
     try:
-        cli_main(args)
+        cli = cli_main(args)
     except TokenselError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -303,6 +303,10 @@ def main(args: list[str] | None = None) -> None:
         # a trainer setting Lightning accepts at construction but rejects when the run starts
         print(f"error: trainer: {' '.join(str(e).split())[:400]}", file=sys.stderr)
         raise SystemExit(2) from None
+    from tokensel.trainer.preempt import PREEMPTED_EXIT, preempted
+
+    if preempted(getattr(cli, "trainer", None)):  # stopped by SIGTERM / SIGUSR1 after writing last.ckpt
+        raise SystemExit(PREEMPTED_EXIT)
 
 
 def _raised_by_lightning_setup(e: BaseException) -> bool:

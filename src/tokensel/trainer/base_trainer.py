@@ -130,6 +130,10 @@ class TokenselTrainer(Trainer):
                                              save_top_k=1))
         if not any(isinstance(c, RNGState) for c in callbacks):
             callbacks.append(RNGState())
+        from tokensel.trainer.preempt import Preemption
+
+        if not any(isinstance(c, Preemption) for c in callbacks):  # SIGTERM / SIGUSR1: checkpoint, exit 75
+            callbacks.append(Preemption())
         from tokensel.trainer.guard import NonFiniteGuard, StepSummary
 
         if not any(isinstance(c, NonFiniteGuard) for c in callbacks):

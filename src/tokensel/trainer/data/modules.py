@@ -280,6 +280,13 @@ class TextDataModule(LightningDataModule, abc.ABC):
                                   num_samples=len(view))
         return ResumableSampler(len(self.train_set), self.shuffle, self.seed, self.batch_size, rank, world)
 
+    def _loader_generator(self) -> torch.Generator:
+        """A DataLoader draws a base seed whenever an iterator starts (each epoch); from the global RNG that
+        draw would shift every later random number (dropout, random masks) by one at each epoch start, which a
+        run resumed at an epoch boundary (its iterator made before the RNG state is restored) cannot replay.
+        Its own generator keeps the global stream to the model alone."""
+        return torch.Generator().manual_seed(self.seed + 104729)
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
@@ -298,7 +305,8 @@ class TextDataModule(LightningDataModule, abc.ABC):
                 self.sampler.fast_forward(resume["epoch"], done)
             self._resume = None
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler,
-                          collate_fn=self._collate(), num_workers=self.num_workers, drop_last=False)
+                          collate_fn=self._collate(), num_workers=self.num_workers, drop_last=False,
+                          generator=self._loader_generator())
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
