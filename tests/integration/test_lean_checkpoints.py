@@ -105,23 +105,43 @@ def test_export_from_a_lean_checkpoint_gives_the_same_logits(in_tmp):
         torch.testing.assert_close(got(input_ids=ids).logits, want, rtol=0, atol=1e-5)
 
 
+def _tiny_base(folder: Path, seed: int) -> None:
+    """A tiny Llama folder (the `_lm.yaml` shape, init seed `seed`) with the shipped tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from tokensel.offline import TINY_TOKENIZER
+
+    cfg = AutoConfig.for_model("llama", vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               tie_word_embeddings=True, bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TINY_TOKENIZER).save_pretrained(folder)
+
+
 def test_another_base_is_refused_in_one_line(in_tmp):
-    _, last = _fit("--run_name", "fp", "--trainer.max_steps", "1")
-    # export under another base (model_config seed 1): one error line, exit 2, nothing written
-    r = subprocess.run([sys.executable, "-m", "tokensel", "export", *_args(), "--model.init_args.model_config", SEED1,
-                        "--ckpt_path", str(last), "--out", "hf"], capture_output=True, text=True, cwd=in_tmp,
-                       timeout=300)
+    # a LoRA run on a base folder; then the folder holds another model (same name, same shapes)
+    _tiny_base(in_tmp / "base", seed=0)
+    base = ["--model.init_args.model_config", "null", "--model.init_args.model", str(in_tmp / "base")]
+    _, last = _fit("--run_name", "fp", "--trainer.max_steps", "1", *base)
+    assert torch.load(last, map_location="cpu", weights_only=False)[FINGERPRINT]["source"] == str(in_tmp / "base")
+    _tiny_base(in_tmp / "base", seed=1)
+    r = subprocess.run([sys.executable, "-m", "tokensel", "export", *_args(*base), "--ckpt_path", str(last),
+                        "--out", "hf"], capture_output=True, text=True, cwd=in_tmp, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "trained on the frozen base model_config (llama, seed 0)" in errors[0]
-    assert "the config builds model_config (llama, seed 1)" in errors[0] and str(last) in errors[0]
+    assert f"{last}: checkpoint was trained on the frozen base {in_tmp / 'base'} (float32, 21" in errors[0]
+    assert f"but the config builds {in_tmp / 'base'} (float32, 21" in errors[0]
     assert not (in_tmp / "hf").exists() and not (in_tmp / "hf.tmp").exists()
-    # resuming under it is refused the same way, before any step
-    cli = cli_main(["fit", *_args("--run_name", "fp2", "--model.init_args.model_config", SEED1)], run=False)
-    with pytest.raises(ConfigError, match=r"seed 0\).*seed 1\)"):
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last))
-    assert cli.trainer.global_step == 0
+    # resuming a model_config run under another init seed is refused the same way, before any step
+    _, last = _fit("--run_name", "fp2", "--trainer.max_steps", "1")
+    cli = cli_main([*_args("--run_name", "fp2", "--trainer.max_steps", "2", "--model.init_args.model_config", SEED1)],
+                   run=False)
+    with pytest.raises(ConfigError, match=r"frozen base model_config \(llama, seed 0\).*builds model_config "
+                                          r"\(llama, seed 1\)"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path="last")
+    assert cli.trainer.global_step == 0  # refused while restoring the model, before the loops or any step
 
 
 def _vit(backbone, finetune="adapter"):
