@@ -21,23 +21,74 @@ log = logging.getLogger(__name__)
 CHECKPOINT_ROOT = "checkpoints"
 
 
+TMP_TAG = ".tmp-"  # `<name>.tmp-<pid>`: a write in progress (or one a killed process left behind)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write `path.tmp`, fsync, then rename over `path`: a crash never leaves a half-written `last.ckpt`."""
+    """Write `path.tmp-<pid>`, fsync, rename over `path`, fsync the folder: a crash or a kill at any moment
+    leaves the previous `last.ckpt` or the new one, never a half-written file. A failed write (no space left,
+    a read-only disk) removes its temporary file, keeps the previous checkpoint and stops the run with one
+    line; temporary files of killed processes are removed when the next run starts (`RunCheckpoint.setup`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = path.with_name(f"{path.name}{TMP_TAG}{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            kept = f"the previous {path.name} is kept" if path.exists() else "no checkpoint was written"
+            raise TokenselError(f"writing checkpoint {path} failed ({e.strerror or e}); {kept}; free space on "
+                                f"{path.parent} (or fix its permissions) and resume with --ckpt_path last") from None
+        try:  # the rename itself must survive a power cut: fsync the folder entry
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary checkpoint files of processes that no longer run (killed mid-write)."""
+    removed = []
+    for p in Path(folder).glob(f"*{TMP_TAG}*"):
+        pid = p.name.rpartition(TMP_TAG)[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            p.unlink(missing_ok=True) if p.is_file() else None
+            removed.append(p)
+    for p in Path(folder).glob("*.ckpt.tmp"):  # the fixed name older versions used
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that also refreshes `last.ckpt` when training ends, so `--ckpt_path last` and
     `trainer export --ckpt_path last` always mean the final weights, not the last validation's."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero and self.dirpath and Path(self.dirpath).is_dir():
+            if removed := remove_stale_temps(self.dirpath):
+                print(f"tokensel: removed {len(removed)} unfinished checkpoint write(s) of an earlier, killed run "
+                      f"in {self.dirpath}")
 
     def on_train_end(self, trainer, pl_module) -> None:
         super().on_train_end(trainer, pl_module)
