@@ -32,7 +32,7 @@ def test_fit_export_roundtrip_and_sample(in_tmp):
     cli = cli_main(["fit", "--config", str(RECIPE), "--config", str(TINY), "--trainer.max_steps", "2"])
     assert cli.trainer.global_step == 2
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
-    run = in_tmp / "checkpoints" / "llsa_dit"
+    run = Path(cli.trainer.default_root_dir)  # checkpoints/llsa_dit/<config hash>
     assert (run / "last.ckpt").exists()
     grids = list(run.glob("**/samples/step_*.png"))
     assert grids and Image.open(grids[0]).size == (2 * 34 + 2, 2 * 34 + 2)  # 2x2 grid of 32px + 2px borders

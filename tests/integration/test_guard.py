@@ -63,7 +63,7 @@ def test_stop_names_step_and_keep_ratio_and_keeps_last_good_checkpoint(in_tmp, m
     msg = str(e.value)
     assert f"non-finite loss at step {NAN_AT}" in msg and "keep ratio 0." in msg, msg
     assert "last.ckpt" in msg and "on_nonfinite" in msg
-    last = in_tmp / "checkpoints" / "random" / "last.ckpt"
+    last = Path(cli.trainer.default_root_dir) / "last.ckpt"  # checkpoints/random/<config hash>
     ckpt = _finite_ckpt(last)
     assert ckpt["global_step"] == 2  # the step-2 save; the poisoned step 3 never reached a checkpoint
     assert not list(last.parent.glob("*.tmp*"))
@@ -87,7 +87,7 @@ def test_skip_leaves_weights_untouched_and_goes_on(in_tmp, monkeypatch, caplog):
     assert all(torch.isfinite(p).all() for p in rec.params.values())
     assert any(f"non-finite loss at step {NAN_AT}" in r.getMessage() and "skipped" in r.getMessage()
                for r in caplog.records)
-    _finite_ckpt(in_tmp / "checkpoints" / "random" / "last.ckpt")
+    _finite_ckpt(Path(cli.trainer.default_root_dir) / "last.ckpt")
 
 
 def test_skip_gives_up_after_too_many_in_a_row(in_tmp, monkeypatch):
@@ -102,7 +102,7 @@ def test_skip_gives_up_after_too_many_in_a_row(in_tmp, monkeypatch):
 def test_checkpoint_with_nan_weights_is_refused(in_tmp):
     cli = _cli("--trainer.max_steps", "2")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    last = in_tmp / "checkpoints" / "random" / "last.ckpt"
+    last = Path(cli.trainer.default_root_dir) / "last.ckpt"
     before = last.read_bytes()
     with torch.no_grad():
         next(cli.model.parameters()).fill_(float("nan"))
@@ -143,4 +143,5 @@ def test_cli_exits_non_zero_with_one_line(in_tmp):
     line = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert len(line) == 1 and f"step {NAN_AT}" in line[0] and "keep ratio" in line[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
-    _finite_ckpt(in_tmp / "checkpoints" / "random" / "last.ckpt")
+    (last,) = (in_tmp / "checkpoints" / "random").glob("*/last.ckpt")  # checkpoints/random/<config hash>
+    _finite_ckpt(last)

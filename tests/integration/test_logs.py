@@ -35,17 +35,18 @@ def test_fifty_steps_without_a_tty_is_a_short_log(tmp_path):
     assert "━" not in r.stdout and "it/s v_num" not in r.stdout  # no progress bar
     for noise in ("litlogger", "LeafSpec", "tensorboardX", "is_gradient_checkpointing"):
         assert noise not in r.stdout + r.stderr, noise
-    run = tmp_path / "checkpoints" / "random"
+    (run,) = (tmp_path / "checkpoints" / "random").iterdir()  # checkpoints/random/<config hash>
     assert list(run.glob("lightning_logs/version_*/config.yaml"))  # the resolved config, beside the metrics
     metrics = list((run / "lightning_logs").glob("version_*/metrics.csv"))
     assert metrics, list(run.rglob("*"))
     with open(metrics[0]) as f:
         rows = list(csv.DictReader(f))
     assert any(r.get("train/keep_ratio") for r in rows) and any(r.get("val/loss") for r in rows)
-    # reruns into the same run folder: without a logger the config goes to the run folder itself, and a
-    # second rerun overwrites it instead of refusing
+    # reruns into the same run folder (run length and logger do not rename it; a fresh rerun is refused, so
+    # these resume): without a logger the config goes to the run folder itself, and a second rerun overwrites
+    # it instead of refusing
     for _ in range(2):
-        r2 = _fit(tmp_path, 1, "--trainer.val_check_interval", 1, "--trainer.logger", "false")
+        r2 = _fit(tmp_path, 1, "--trainer.val_check_interval", 1, "--trainer.logger", "false", "--ckpt_path", "last")
         assert r2.returncode == 0, r2.stderr[-3000:]
         assert (run / "config.yaml").exists()
 
@@ -65,7 +66,7 @@ def test_a_weighted_mixture_logs_validation_loss_per_source(tmp_path):
              "--data.init_args.val_fraction", "0.2", "--data.init_args.max_samples", "null")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "from 2 sources (arith, words)" in r.stdout
-    (metrics,) = (tmp_path / "checkpoints" / "random" / "lightning_logs").glob("version_*/metrics.csv")
+    (metrics,) = (tmp_path / "checkpoints" / "random").glob("*/lightning_logs/version_*/metrics.csv")
     with open(metrics) as f:
         rows = [row for row in csv.DictReader(f) if row.get("val/loss")]
     assert rows and all(rows[-1].get(k) for k in ("val/loss/arith", "val/loss/words")), rows[-1].keys()

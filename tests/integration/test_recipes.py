@@ -57,4 +57,5 @@ def test_two_step_fit(recipe, in_tmp):
     cli = cli_main(["fit", "--config", str(recipe), "--config", str(overlay(recipe)),
                     "--trainer.max_steps", "2", "--trainer.logger", "false"])
     assert cli.trainer.global_step == 2
-    assert (in_tmp / "checkpoints" / recipe.stem / "last.ckpt").exists()
+    assert (Path(cli.trainer.default_root_dir) / "last.ckpt").exists()
+    assert Path(cli.trainer.default_root_dir).parent == Path("checkpoints") / recipe.stem  # <recipe>/<config hash>

@@ -40,7 +40,7 @@ def fit_and_export(recipe: str, tmp: Path) -> Path:
             str(ROOT / "tests" / "integration" / "tiny" / f"{recipe}.yaml")]
     cli_main(["fit", *cfgs, "--trainer.max_steps", "2"])
     out = tmp / "exported" / recipe
-    cli_main(["export", *cfgs, "--ckpt_path", f"checkpoints/{recipe}/last.ckpt", "--out", str(out)])
+    cli_main(["export", *cfgs, "--ckpt_path", "last", "--out", str(out)])  # last of the run these configs name
     return out
 
 
@@ -51,14 +51,16 @@ def test_export_round_trip_in_a_fresh_process(in_tmp):
     for recipe in ("dyt", "spa", "vit_adapter", "vit_full_ft"):
         folder = fit_and_export(recipe, in_tmp)
         assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in folder.iterdir()}
-        module = ViTClassifier.load_from_checkpoint(in_tmp / "checkpoints" / recipe / "last.ckpt").eval()
+        (last,) = (in_tmp / "checkpoints" / recipe).glob("*/last.ckpt")  # checkpoints/<recipe>/<config hash>
+        module = ViTClassifier.load_from_checkpoint(last).eval()
         with torch.no_grad():
             logits = module(x)
             out = module.model(x, mode=module.eval_mode)
         rates = [m[:, 1:].mean().item() for m in out.keep_masks]
         assert all(0.0 < r < 1.0 for r in rates), (recipe, rates)  # selection is non-trivial
         saved[recipe] = (str(folder), x, logits)
-    assert sorted(p.name for p in (in_tmp / "checkpoints" / "dyt" / "pictures").iterdir())[0].endswith(".png")
+    (pictures,) = (in_tmp / "checkpoints" / "dyt").glob("*/pictures")
+    assert sorted(p.name for p in pictures.iterdir())[0].endswith(".png")
     assert json.loads((in_tmp / "exported" / "vit_full_ft" / "config.json").read_text())["model_type"] == "vit"
     assert json.loads((in_tmp / "exported" / "dyt" / "config.json").read_text())["model_type"] == "tokensel_vit"
     torch.save(saved, in_tmp / "logits.pt")

@@ -397,9 +397,9 @@ def resolve_ckpt_path(ckpt_path: str, root: str) -> str:
     """`last` / `best` name such a file in the run folder `root` (never one anywhere else); anything else
     must exist.
 
-    `last.ckpt` itself when present; else the newest `last*.ckpt` by modification time (a script that fits
-    twice in one folder gets `last-v1.ckpt` from Lightning, and `last` then means that fit's weights). A
-    fresh CLI fit into a folder that holds checkpoints is refused, so there the question does not arise.
+    The newest `last*.ckpt` by modification time, as Lightning resolves `last`: a script that fits twice in
+    one folder gets `last-v1.ckpt` from Lightning, and `last` then means that fit's weights. (A fresh CLI fit
+    into a folder that holds checkpoints is refused, so there the question does not arise.)
     """
     if ckpt_path in ("last", "best"):
         folder = Path(root)
@@ -410,8 +410,6 @@ def resolve_ckpt_path(ckpt_path: str, root: str) -> str:
                    "or --run_name)" if others else ""
             raise TokenselError(f"--ckpt_path {ckpt_path}: no {ckpt_path} checkpoint in {folder}/ (this config's "
                                 f"run folder){hint}; train first or pass a checkpoint file")
-        if ckpt_path == "last" and (folder / "last.ckpt").exists():
-            return str(folder / "last.ckpt")
         return str(max(cands, key=lambda c: (c.stat().st_mtime_ns, c.name)))
     if not Path(ckpt_path).exists():
         raise TokenselError(f"--ckpt_path {ckpt_path}: no such file or directory")

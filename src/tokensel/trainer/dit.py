@@ -247,8 +247,15 @@ class FashionMNISTDiffusionData(LightningDataModule):
             raise DataError(f"data.data_dir={self.data_dir}: no {img.name} / {lab.name}; run "
                             "`apt-get install -y dataset-fashion-mnist` or set data.init_args.synthetic: true")
         images, labels = read_idx(img), read_idx(lab)
-        if images.ndim != 3 or len(images) != len(labels):
-            raise DataError(f"{img}: expected [n, 28, 28] images matching {lab.name}, got {images.shape}")
+        if images.ndim != 3 or len(images) != len(labels) or images.shape[1] != images.shape[2]:
+            raise DataError(f"{img}: expected [n, H, H] single-channel images, one per label of {lab.name}, got "
+                            f"images {list(images.shape)} and {len(labels)} labels")
+        if images.shape[1] > self.image_size:
+            raise DataError(f"{img}: {images.shape[1]}x{images.shape[2]} images do not fit data.image_size="
+                            f"{self.image_size} (images are padded, never cropped); raise image_size")
+        if images.dtype != np.uint8 or labels.dtype.kind not in "iu" or labels.ndim != 1 or (labels < 0).any():
+            raise DataError(f"{img} / {lab.name}: expected uint8 pixels and non-negative integer labels, got "
+                            f"{images.dtype} pixels and {labels.dtype} labels {list(labels.shape)}")
         return images[:limit], labels[:limit]
 
     def setup(self, stage: str | None = None) -> None:

@@ -152,6 +152,49 @@ def synthetic_images(n: int, size: int = 28, num_classes: int = 10, seed: int = 
     return ArrayImages(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(masks))
 
 
+def _to_uint8(value, where, channels: int, size: int, nearest: bool = False) -> Tensor:
+    """An image (a PIL image, a file path, `{"bytes"|"path": ...}` as datasets stores images, or a uint8 / float
+    array `[H, W]`, `[H, W, C]`) -> `uint8 [C, size, size]`; anything unreadable (a truncated or non-image file,
+    an odd mode, a value that is no image) is one DataError naming `where`."""
+    import io
+
+    from PIL import Image
+
+    try:
+        img = value
+        if isinstance(img, dict) and (img.get("bytes") or img.get("path")):
+            img = io.BytesIO(img["bytes"]) if img.get("bytes") else img["path"]
+        if isinstance(img, str | Path | io.BytesIO):
+            img = Image.open(img)
+        elif isinstance(img, np.ndarray | Tensor):
+            a = np.asarray(img)
+            if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+                a = a.transpose(1, 2, 0)  # [C, H, W] -> [H, W, C]
+            if a.ndim == 3 and a.shape[-1] == 1:
+                a = a[..., 0]
+            if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or a.size == 0:
+                raise DataError(f"{where}: an image array must be [H, W], [H, W, 3|4] or [3|4, H, W], got "
+                                f"{list(a.shape)}")
+            if a.dtype != np.uint8:
+                a = np.clip(np.nan_to_num(a.astype(np.float64)) * (255.0 if a.max(initial=0) <= 1.0 else 1.0),
+                            0, 255).astype(np.uint8)
+            img = Image.fromarray(a)
+        if not isinstance(img, Image.Image):
+            raise DataError(f"{where}: not an image (a {type(value).__name__}); give image files, PIL images or "
+                            "pixel arrays")
+        img.load()  # decode now: a truncated file fails here, not deep inside a batch
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit: scale to 8 bits, not clip
+            a = np.asarray(img, dtype=np.float64)
+            lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+            img = Image.fromarray(((a - lo) / (hi - lo) * 255 if hi > lo else a * 0).astype(np.uint8))
+        return _pil_to_uint8(img, channels, size, nearest)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL / numpy raise many types for a bad image
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise DataError(f"{where}: cannot read image ({type(e).__name__}: {first})") from None
+
+
 def _pil_to_uint8(img, channels: int, size: int, nearest: bool = False) -> Tensor:
     """PIL image -> `uint8 [C, size, size]` (converted to L / RGB, resized)."""
     from PIL import Image
@@ -187,14 +230,8 @@ def load_folder(path: str, channels: int, size: int) -> tuple[LazyImages, list[s
                         "subfolders; expected path/<class>/<image>")
 
     def load(i: int) -> dict:
-        from PIL import Image
-
         f, label = files[i]
-        try:
-            img = Image.open(f)
-        except Exception as e:  # noqa: BLE001 - PIL raises several types for unreadable files
-            raise DataError(f"{f}: cannot read image ({e})") from None
-        return {"image": _pil_to_uint8(img, channels, size), "label": torch.tensor(label)}
+        return {"image": _to_uint8(f, f, channels, size), "label": torch.tensor(label)}
 
     return LazyImages(len(files), load), classes
 
@@ -208,13 +245,19 @@ def hf_split(ds, image_column: str, label_column: str, mask_column: str | None, 
                             "set image_column / label_column")
 
     def load(i: int) -> dict:
-        row = ds[int(i)]
+        row, where = ds[int(i)], f"row {int(i)} of the HF dataset"
         img = row[image_column]
-        item = {"image": _pil_to_uint8(img, channels, size), "label": torch.tensor(int(row[label_column]))}
+        label = row[label_column]
+        if isinstance(label, bool) or not isinstance(label, int | np.integer) or label < 0:
+            raise DataError(f"{where}: column {label_column!r} must be a class index >= 0, got {label!r:.40}")
+        item = {"image": _to_uint8(img, f"{where}, column {image_column!r}", channels, size),
+                "label": torch.tensor(int(label))}
         if mask_column and row.get(mask_column) is not None:
-            item["mask"] = (_pil_to_uint8(row[mask_column], 1, size, nearest=True) > 0).to(torch.uint8)
+            item["mask"] = (_to_uint8(row[mask_column], f"{where}, column {mask_column!r}", 1, size, nearest=True)
+                            > 0).to(torch.uint8)
         elif boxes_column and boxes_column in row:
-            item["mask"] = _boxes_mask(row[boxes_column], img.size, size)
+            wh = img.size if hasattr(img, "size") and isinstance(img.size, tuple) else (size, size)
+            item["mask"] = _boxes_mask(row[boxes_column], wh, size)
         return item
 
     return LazyImages(len(ds), load)
