@@ -2,6 +2,7 @@
 schedulers, data and RNG state and a fingerprint of the frozen base; resume and export rebuild the base from
 the config and refuse another one in one line."""
 
+import copy
 import io
 import subprocess
 import sys
@@ -44,8 +45,8 @@ def test_lora_checkpoint_holds_only_trainable_weights(in_tmp):
     fp = ckpt[FINGERPRINT]
     # frozen: embed_tokens and the tied lm_head, 7 base linears + 2 norms per layer, the final norm
     # frozen parameters: embeddings 1024 * 32 = 32768; per layer q 1024, k 512, v 512, o 1024, gate / up / down
-    # 2048 each, norms 64 = 9280; final norm 32: 51360, fp32 -> 205440 bytes (+ 131072 for the tied lm_head name)
-    assert (fp["tensors"], fp["dtype"], fp["method"], fp["bytes"]) == (21, "float32", "sha256", 205440 + 131072)
+    # 2048 each, norms 64 = 9280; final norm 32: 51360, fp32 -> 205440 bytes (the tied lm_head shares them)
+    assert (fp["tensors"], fp["dtype"], fp["method"], fp["bytes"]) == (21, "float32", "sha256", 205440)
     assert fp["source"] == "model_config (llama, seed 0)"
     # the optimizer state covers exactly the trainable weights: 2 AdamW moments of each
     state = ckpt["optimizer_states"][0]["state"]
@@ -182,3 +183,29 @@ def test_frozen_vit_backbone_stays_out_and_comes_back(tmp_path):
     n = len(full["state_dict"])
     _vit(tmp_path / "a", finetune="full").on_save_checkpoint(full)  # nothing frozen: everything stays
     assert len(full["state_dict"]) == n and FINGERPRINT not in full
+
+
+def test_fingerprint_of_a_cast_base_and_of_a_sampled_one(monkeypatch):
+    from tokensel.trainer import lean
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(300, 300), torch.nn.Linear(300, 2))
+    net[0].requires_grad_(False)
+    fp = lean.fingerprint(net, "x")
+    assert (fp["tensors"], fp["bytes"], fp["method"]) == (2, (300 * 300 + 300) * 4, "sha256")
+    # a bf16-true run hashed its bf16 base; the float32 base cast the same way hashes the same
+    half = copy.deepcopy(net).to(torch.bfloat16)
+    bf16 = lean.fingerprint(half, "x")
+    assert bf16["dtype"] == "bfloat16" and lean.fingerprint(net, "x", dtype="bfloat16")["sha256"] == bf16["sha256"]
+    assert bf16["sha256"] != fp["sha256"]
+    # above FULL_HASH_BYTES each tensor is hashed on SAMPLE evenly spaced elements: positions 0, 999, ... hit
+    monkeypatch.setattr(lean, "FULL_HASH_BYTES", 1000)
+    monkeypatch.setattr(lean, "SAMPLE", 91)  # of 90000 weights: k * 89999 // 90 = 0, 999, 1999, ..., 89999
+    sampled = lean.fingerprint(net, "x")
+    assert sampled["method"] == "sha256-sampled91"
+    with torch.no_grad():
+        net[0].weight.view(-1)[1] += 1.0  # between two sampled positions: unseen
+    assert lean.fingerprint(net, "x")["sha256"] == sampled["sha256"]
+    with torch.no_grad():
+        net[0].weight.view(-1)[999] += 1.0  # a sampled position
+    assert lean.fingerprint(net, "x")["sha256"] != sampled["sha256"]

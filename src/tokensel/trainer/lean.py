@@ -43,13 +43,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def fingerprint(module: nn.Module, source: str, skip: tuple[str, ...] = (), dtype: str | None = None) -> dict:
-    """{source, dtype, tensors, bytes, method, sha256} of the module's frozen parameters; `dtype` hashes them
-    cast to that dtype (a checkpoint written under `precision: bf16-true` from a float32 config)."""
+    """{source, dtype, tensors (names), bytes (storage), method, sha256} of the module's frozen parameters;
+    `dtype` hashes them cast to that dtype (a checkpoint written under `precision: bf16-true` from a float32
+    config: the cast is deterministic, so the float32 base rebuilt at export hashes like the bf16 one)."""
     keys = frozen_keys(module, skip)
     params = dict(module.named_parameters(remove_duplicate=False))
     target = getattr(torch, dtype) if dtype else None
     dtypes = {_dtype_name(target or params[k].dtype) for k in keys}
-    size = sum(params[k].numel() * (target or params[k].dtype).itemsize for k in keys)
+    unique = {params[k].data_ptr(): params[k] for k in keys}.values()  # a tied weight counts once
+    size = sum(p.numel() * (target or p.dtype).itemsize for p in unique)
     full = size <= FULL_HASH_BYTES
     h = hashlib.sha256()
     seen: dict[tuple[int, torch.dtype], str] = {}
