@@ -232,6 +232,17 @@ class TokenselCLI(LightningCLI):
                             help="Run folder under checkpoints/ (default: <recipe stem>/<hash of the resolved "
                                  "config>, so each sweep value gets its own folder and a rerun finds its own).")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads a `--ckpt_path` file's hyperparameters here, before anything else: check the file
+        first, so a truncated or foreign file is one line, not a traceback from torch.load."""
+        sub = self.config.get("subcommand") if hasattr(self.config, "get") else None
+        path = self.config[sub].get("ckpt_path") if sub and sub in self.config else None
+        if isinstance(path, str) and path not in ("last", "best"):
+            from tokensel.trainer.ckpt_check import check_recipe, read_checkpoint
+
+            check_recipe(path, read_checkpoint(path), self.config[sub])
+        super()._parse_ckpt_path()
+
     def instantiate_classes(self) -> None:
         """Instantiate as LightningCLI does; a value the parser accepted but a class rejects (a negative
         learning rate, a null where a number is needed) becomes one `ConfigError` line, not a traceback."""

@@ -235,6 +235,9 @@ class TokenselTrainer(Trainer):
         if ckpt_path is not None:
             if ckpt_path in ("last", "best"):
                 ckpt_path = resolve_ckpt_path(ckpt_path, self.default_root_dir)
+            from tokensel.trainer.ckpt_check import check_checkpoint
+
+            check_checkpoint(ckpt_path, model)
             check_resume(ckpt_path, self.strategy, self.world_size)
         if self.is_global_zero and getattr(rank_zero_only, "rank", 0) == 0:  # once, also before DDP launches
             resumed = f"; resuming {ckpt_path}" if ckpt_path is not None else ""
@@ -242,6 +245,31 @@ class TokenselTrainer(Trainer):
         if getattr(self, "run_config", None) and not any(isinstance(c, _RunConfigFile) for c in self.callbacks):
             self.callbacks.append(_RunConfigFile(self.run_config))
         return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+
+    def _checked(self, model, ckpt_path):
+        """`last` / `best` resolved in the run folder, then the file checked against `model` (ckpt_check)."""
+        if ckpt_path is None:
+            return None
+        if ckpt_path in ("last", "best"):
+            ckpt_path = resolve_ckpt_path(ckpt_path, self.default_root_dir)
+        from tokensel.trainer.ckpt_check import check_checkpoint
+
+        check_checkpoint(ckpt_path, model)
+        return ckpt_path
+
+    def validate(self, model=None, dataloaders=None, ckpt_path=None, verbose=True, datamodule=None, **kwargs):
+        """`Trainer.validate` with `--ckpt_path` resolved and checked first (one line for a bad checkpoint)."""
+        return super().validate(model, dataloaders, self._checked(model, ckpt_path), verbose, datamodule, **kwargs)
+
+    def test(self, model=None, dataloaders=None, ckpt_path=None, verbose=True, datamodule=None, **kwargs):
+        """`Trainer.test` with `--ckpt_path` resolved and checked first (one line for a bad checkpoint)."""
+        return super().test(model, dataloaders, self._checked(model, ckpt_path), verbose, datamodule, **kwargs)
+
+    def predict(self, model=None, dataloaders=None, datamodule=None, return_predictions=None, ckpt_path=None,
+                **kwargs):
+        """`Trainer.predict` with `--ckpt_path` resolved and checked first (one line for a bad checkpoint)."""
+        return super().predict(model, dataloaders, datamodule, return_predictions, self._checked(model, ckpt_path),
+                               **kwargs)
 
     def export(self, model: LightningModule, datamodule: LightningDataModule | None = None,
                ckpt_path: str | None = None, out: str = "exported", adapter_only: bool = False,
