@@ -49,9 +49,10 @@ def test_readme_trainer_commands_run(in_tmp):
         if ">" in words:  # `... --print_config > my_recipe.yaml`
             i = words.index(">")
             words, out_file = words[:i], words[i + 1]
-        args = [w.replace("recipes/", str(ROOT / "recipes") + "/") if w.startswith("recipes/") else w
-                for w in words[1:]]
+        args = [str(ROOT / w) if w.startswith(("recipes/", "configs/")) else w for w in words[1:]]
         sub, rest = args[0], args[1:]
+        if "configs/scale/" in cmd or "recipes/paper/" in cmd:  # GPUs / published scale: parsed, not run here
+            rest = [*rest, "--print_config"]
         recipe = Path(rest[rest.index("--config") + 1])
         own = ROOT / "tests" / "integration" / "tiny" / recipe.name  # the recipe's own tiny overlay, if any
         extra = ["--config", str(own if own.exists() else TINY)]
