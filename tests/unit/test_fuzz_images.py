@@ -129,3 +129,24 @@ def test_dit_idx_files_of_the_wrong_shape_or_type_are_refused(tmp_path, images, 
     dm = FashionMNISTDiffusionData(data_dir=str(tmp_path), image_size=32)
     with pytest.raises(DataError, match=msg.replace("[", r"\[")):
         dm.setup()
+
+
+@pytest.mark.parametrize("kind", ["vit", "dit"])
+def test_image_data_gives_each_data_parallel_rank_its_own_share(kind):
+    """The image / diffusion loaders shard across ranks (the trainer leaves Lightning's sampler wrapping off)."""
+    from types import SimpleNamespace
+
+    from tokensel.trainer.dit import FashionMNISTDiffusionData
+    from tokensel.trainer.vision_data import ImageClassificationData
+
+    seen = []
+    for rank in (0, 1):
+        dm = (ImageClassificationData(dataset="synthetic", batch_size=4) if kind == "vit"
+              else FashionMNISTDiffusionData(synthetic=True, synthetic_size=32, batch_size=4))
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = dm.train_dataloader()
+        ids = list(iter(loader.sampler))
+        assert len(ids) == len(dm.train_set) // 2
+        seen.append(set(ids))
+    assert not (seen[0] & seen[1]) and len(seen[0] | seen[1]) == 2 * len(seen[0])

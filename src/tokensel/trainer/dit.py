@@ -271,8 +271,11 @@ class FashionMNISTDiffusionData(LightningDataModule):
         self.val_set = _ImageSet(*va, self.image_size)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        from tokensel.trainer.data.sampler import rank_sampler
+
+        sampler = rank_sampler(self.trainer, self.train_set, True, self.seed, drop_last=True)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
+                          drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

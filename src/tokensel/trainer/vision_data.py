@@ -449,7 +449,13 @@ class ImageClassificationData(LightningDataModule):
                           collate_fn=self.collate(), generator=g, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True, self.batch_size)
+        from tokensel.trainer.data.sampler import rank_sampler
+
+        sampler = rank_sampler(self.trainer, self.train_set, True, self.seed)
+        if sampler is None:
+            return self._loader(self.train_set, True, self.batch_size)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=self.collate(), persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, False, self.eval_batch_size)

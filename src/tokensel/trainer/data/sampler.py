@@ -88,3 +88,17 @@ class MixtureSampler(ResumableSampler):
                 queues[s].reverse()  # pop() from the end = the permutation's order
             out.append(queues[s].pop())
         return out
+
+
+def rank_sampler(trainer, dataset, shuffle: bool, seed: int, drop_last: bool = False):
+    """A `DistributedSampler` giving this data-parallel rank its own share of `dataset` when the run has several
+    ranks (else None, for a plain loader). The image and diffusion data modules use it: the trainer leaves
+    Lightning's sampler wrapping off (the text modules shard their own resumable sampler), so without it every
+    GPU would train on the same batches."""
+    world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+    if world <= 1:
+        return None
+    from torch.utils.data import DistributedSampler
+
+    return DistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=shuffle, seed=seed,
+                              drop_last=drop_last)
