@@ -120,7 +120,7 @@ step "ssToken 20 bf16 steps, Triton LM head" 120 "$OUT/sstoken.log" python3 -m t
   --config recipes/sstoken.yaml --model.init_args.model "$LM" --model.init_args.kernels triton \
   --model.init_args.dtype bfloat16 --trainer.precision bf16-mixed --trainer.accelerator gpu \
   --trainer.max_steps 20 --trainer.val_check_interval 20 --trainer.summary_every_n_steps 5 \
-  --data.init_args.batch_size 8 --trainer.default_root_dir /tmp/sstoken_run --trainer.logger false
+  --data.init_args.batch_size 8 --trainer.default_root_dir "/tmp/sstoken_run_$$" --trainer.logger false
 
 # ---------------------------------------------------------------- 7. summary (printed last)
 if [ "$DRY" = 0 ]; then
