@@ -42,3 +42,32 @@ def run_cli(args, cwd, timeout=600, env=None):
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "tokensel", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def fit_losses():
+    """`fit(args, ckpt_path=None, crash_at=None) -> (losses, cli)`: an in-process `fit` of the CLI `args`, recording
+    (global step, loss) after every step; with `crash_at`, a simulated crash right after that step (after any
+    checkpoint of the step), which is how the exact-resume tests cut a run."""
+    from lightning.pytorch.callbacks import Callback
+
+    from tokensel.cli import cli_main
+
+    def fit(args, ckpt_path=None, crash_at=None):
+        rec = []
+
+        class Rec(Callback):
+            def on_train_batch_end(self, trainer, module, *a):
+                rec.append((trainer.global_step, float(module.last_step_info["loss"])))
+                if trainer.global_step == crash_at:
+                    raise RuntimeError("simulated crash")
+
+        cli = cli_main([str(a) for a in args], run=False)
+        cli.trainer.callbacks.append(Rec())
+        if crash_at is None:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        else:
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+        return rec, cli
+    return fit

@@ -56,38 +56,20 @@ def test_lora_checkpoint_holds_only_trainable_weights(in_tmp):
     assert full.getbuffer().nbytes - last.stat().st_size >= 205440  # the frozen base's bytes are gone
 
 
-def _losses(extra, ckpt_path=None, crash_at=None):
-    from lightning.pytorch.callbacks import Callback
-
-    rec = []
-
-    class Rec(Callback):
-        def on_train_batch_end(self, trainer, module, *a):
-            rec.append((trainer.global_step, float(module.last_step_info["loss"])))
-            if trainer.global_step == crash_at:
-                raise RuntimeError("simulated crash")
-
-    cli = cli_main([*_args("--data.init_args.batch_size", "3", "--data.init_args.max_samples", "20",
-                           "--trainer.max_steps", "6", "--trainer.val_check_interval", "null",
-                           "--trainer.limit_val_batches", "0", "--trainer.save_every_n_steps", "2", *extra)],
-                   run=False)
-    cli.trainer.callbacks.append(Rec())
-    if crash_at is None:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    else:
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    return rec, cli
+def _crash_run(*extra):
+    return _args("--data.init_args.batch_size", "3", "--data.init_args.max_samples", "20", "--trainer.max_steps", "6",
+                 "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0",
+                 "--trainer.save_every_n_steps", "2", *extra)
 
 
-def test_resume_from_a_lean_checkpoint_is_exact(in_tmp):
-    full, _ = _losses(["--run_name", "full"])
-    _, cli = _losses(["--run_name", "part"], crash_at=3)
+def test_resume_from_a_lean_checkpoint_is_exact(in_tmp, fit_losses):
+    full, _ = fit_losses(_crash_run("--run_name", "full"))
+    _, cli = fit_losses(_crash_run("--run_name", "part"), crash_at=3)
     last = Path(cli.trainer.checkpoint_callback.last_model_path)
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and FINGERPRINT in ckpt
     assert all(".lora_" in k for k in ckpt["state_dict"])  # no base weight: it is rebuilt from model_config
-    resumed, _ = _losses(["--run_name", "part"], ckpt_path=str(last))
+    resumed, _ = fit_losses(_crash_run("--run_name", "part"), ckpt_path=str(last))
     assert [s for s, _ in resumed] == [3, 4, 5, 6]
     torch.testing.assert_close([v for _, v in resumed], [v for s, v in full if s > 2], rtol=0, atol=1e-6)
 

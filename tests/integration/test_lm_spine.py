@@ -75,38 +75,19 @@ def test_adapter_only_export_is_a_peft_folder(in_tmp):
     assert cfg["r"] == 16 and (in_tmp / "ad" / "adapter_model.safetensors").exists()
 
 
-def _losses(cli_args, ckpt_path=None, crash_at=None):
-    from lightning.pytorch.callbacks import Callback
-
-    rec = []
-
-    class Rec(Callback):
-        def on_train_batch_end(self, trainer, module, *a):
-            rec.append((trainer.global_step, float(module.last_step_info["loss"])))
-            if trainer.global_step == crash_at:
-                raise RuntimeError("simulated crash")  # after the step-4 checkpoint; nothing more is saved
-
-    cli = cli_main(["--config", str(ROOT / "recipes" / "random.yaml"), "--config", str(TINY),
-                    "--trainer.logger", "false", "--data.init_args.batch_size", "3",
-                    "--data.init_args.max_samples", "20", "--trainer.max_steps", "10",
-                    "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0",
-                    "--trainer.save_every_n_steps", "4", *cli_args], run=False)
-    cli.trainer.callbacks.append(Rec())
-    if crash_at is None:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    else:
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    return rec
+CRASH_RUN = ["--config", str(ROOT / "recipes" / "random.yaml"), "--config", str(TINY), "--trainer.logger", "false",
+             "--data.init_args.batch_size", "3", "--data.init_args.max_samples", "20", "--trainer.max_steps", "10",
+             "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0",
+             "--trainer.save_every_n_steps", "4"]
 
 
-def test_resume_after_a_crash_gives_the_same_losses(in_tmp):
+def test_resume_after_a_crash_gives_the_same_losses(in_tmp, fit_losses):
     # 19 train samples / batch 3 = 7 batches per epoch; checkpoint at step 4 (mid-epoch 0) and 8 (epoch 1),
     # crash at step 6, resume from last.ckpt (step 4) to step 10: LoRA dropout, random masks and data order
     # must all continue exactly.
-    full = _losses(["--run_name", "full"])
-    _losses(["--run_name", "part"], crash_at=6)
-    resumed = _losses(["--run_name", "part"], ckpt_path="checkpoints/part/last.ckpt")
+    full, _ = fit_losses([*CRASH_RUN, "--run_name", "full"])
+    fit_losses([*CRASH_RUN, "--run_name", "part"], crash_at=6)
+    resumed, _ = fit_losses([*CRASH_RUN, "--run_name", "part"], ckpt_path="checkpoints/part/last.ckpt")
     assert [s for s, _ in resumed] == list(range(5, 11))
     torch.testing.assert_close([v for _, v in resumed], [v for s, v in full if s > 4], rtol=0, atol=1e-6)
 

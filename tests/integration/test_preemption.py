@@ -63,38 +63,19 @@ def test_a_signal_checkpoints_exits_75_and_the_resumed_losses_equal_an_uninterru
     assert all(abs(got[s] - want[s]) <= 1e-6 for s in want), [(s, got[s], want[s]) for s in want]
 
 
-def _inprocess_losses(run, ckpt_path=None, crash_at=None):
-    from lightning.pytorch.callbacks import Callback
-
-    from tokensel.cli import cli_main
-
-    rec = []
-
-    class Rec(Callback):
-        def on_train_batch_end(self, trainer, module, *a):
-            rec.append((trainer.global_step, float(module.last_step_info["loss"])))
-            if trainer.global_step == crash_at:
-                raise RuntimeError("simulated crash")
-
-    cli = cli_main(["--config", str(ROOT / "recipes" / "random.yaml"), "--config", str(TINY), "--run_name", run,
-                    "--trainer.logger", "false", "--data.init_args.batch_size", "3",
-                    "--data.init_args.max_samples", "20", "--trainer.max_steps", "10",
-                    "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0",
-                    "--trainer.save_every_n_steps", "7"], run=False)
-    cli.trainer.callbacks.append(Rec())
-    try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    except RuntimeError as e:
-        assert crash_at is not None and "simulated crash" in str(e)
-    return rec
+def _epoch_end_run(run):
+    return ["--config", str(ROOT / "recipes" / "random.yaml"), "--config", str(TINY), "--run_name", run,
+            "--trainer.logger", "false", "--data.init_args.batch_size", "3", "--data.init_args.max_samples", "20",
+            "--trainer.max_steps", "10", "--trainer.val_check_interval", "null", "--trainer.limit_val_batches", "0",
+            "--trainer.save_every_n_steps", "7"]
 
 
-def test_resume_from_the_last_batch_of_an_epoch_is_exact(in_tmp):
+def test_resume_from_the_last_batch_of_an_epoch_is_exact(in_tmp, fit_losses):
     """7 batches per epoch, checkpoint at step 7 (the epoch's last batch): the resumed run must draw the same
     random numbers as the uninterrupted one across the epoch boundary (before the DataLoader had its own
     generator, the new epoch's iterator took one draw from the global RNG and the losses drifted by ~4e-5)."""
-    full = _inprocess_losses("full")
-    _inprocess_losses("part", crash_at=8)
-    resumed = _inprocess_losses("part", ckpt_path="checkpoints/part/last.ckpt")
+    full, _ = fit_losses(_epoch_end_run("full"))
+    fit_losses(_epoch_end_run("part"), crash_at=8)
+    resumed, _ = fit_losses(_epoch_end_run("part"), ckpt_path="checkpoints/part/last.ckpt")
     assert [s for s, _ in resumed] == [8, 9, 10]
     assert [v for _, v in resumed] == [v for s, v in full if s > 7]
