@@ -415,3 +415,20 @@ def test_byte_order_mark_and_crlf_line_ends_read_like_clean_files(tmp_path, tok,
         dm._tokenizer = tok
         got.append(dm.build_samples([str(f)]))
     assert got[0] == got[1] and len(got[0]) >= 4
+
+
+def test_packed_rows_keep_one_source_each_so_a_mixture_can_draw_them(tmp_path, tok):
+    a = _jsonl(tmp_path / "alpha.jsonl", [{"prompt": f"a{i}", "response": "A" * (i % 4 + 1)} for i in range(30)])
+    b = _jsonl(tmp_path / "beta.jsonl", [{"prompt": f"b{i}", "response": "B" * (i % 4 + 1)} for i in range(30)])
+    dm = _sft(tmp_path, [{"path": str(a), "weight": 1.0}, {"path": str(b), "weight": 4.0}], packing=True,
+              max_length=64, batch_size=2, seed=2)
+    dm._tokenizer = tok
+    dm.setup()
+    rows = dm.train_set
+    assert len(rows) < 60  # several samples per row
+    for i in range(len(rows)):
+        assert len({s["source_index"] for s in rows[i]}) == 1  # never two sources in one row
+        assert {s["source_index"] for s in rows[i]} == {int(rows.source_of()[i])}
+    batches = list(dm.train_dataloader())
+    src = torch.cat([bt["source_index"][bt["attention_mask"] == 1] for bt in batches])
+    assert isinstance(dm.sampler, MixtureSampler) and float((src == 1).float().mean()) > 0.6  # 4:1 for beta

@@ -266,10 +266,7 @@ class TextDataModule(LightningDataModule, abc.ABC):
     def _sampler(self, rank: int, world: int) -> ResumableSampler:
         srcs = getattr(self, "train_sources_used", self.train_sources())
         if len(srcs) > 1 and srcs[0].weight is not None:
-            view = self.train_set.base if hasattr(self.train_set, "base") else self.train_set
-            if view is not self.train_set:
-                raise ConfigError("data: weighted sources (a mixture) cannot be combined with packing=true yet; "
-                                  "drop the weights (concatenate) or set packing=false")
+            view = self.train_set  # samples, or packed rows (each of one source)
             src_of = view.source_of()
             groups = [np.flatnonzero(src_of == s).tolist() for s in range(len(srcs))]
             empty = [srcs[s].where for s, grp in enumerate(groups) if not grp]

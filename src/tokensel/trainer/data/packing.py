@@ -55,12 +55,27 @@ def pack_lengths(lengths, max_length: int) -> list[list[int]]:
 
 class PackedDataset(Dataset):
     """Rows of several whole samples; the collate builds a block-diagonal causal mask so samples never see
-    each other, and resets positions per sample."""
+    each other, and resets positions per sample. Samples of different sources (`base.source_of()`) are packed
+    into different rows, so a row has one source and a mixture can draw rows by source."""
 
     def __init__(self, base: Dataset, max_length: int):
+        import numpy as np
+
         self.base = base
-        lengths = base.lengths() if hasattr(base, "lengths") else [len(base[i]["input_ids"]) for i in range(len(base))]
-        self.rows = pack_lengths(lengths, max_length)
+        lengths = np.asarray(base.lengths() if hasattr(base, "lengths")
+                             else [len(base[i]["input_ids"]) for i in range(len(base))])
+        src = np.asarray(base.source_of()) if hasattr(base, "source_of") else np.zeros(len(lengths), np.int64)
+        self.rows, row_source = [], []
+        for s in np.unique(src):
+            pos = np.flatnonzero(src == s)
+            for r in pack_lengths(lengths[pos], max_length):
+                self.rows.append([int(pos[i]) for i in r])
+                row_source.append(int(s))
+        self.row_source = np.asarray(row_source, dtype=np.int64)
+
+    def source_of(self):
+        """The source of each row."""
+        return self.row_source
 
     def __len__(self) -> int:
         return len(self.rows)
