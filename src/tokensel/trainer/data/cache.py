@@ -40,9 +40,10 @@ def is_ready(folder: Path) -> bool:
     return (folder / META).is_file()
 
 
-def build_once(folder: Path, build: Callable[[Path], dict], fingerprint: dict) -> tuple[Path, bool]:
+def build_once(folder: Path, build: Callable[[Path], dict], fingerprint: dict | None) -> tuple[Path, bool]:
     """Make `folder` unless it is already complete: `build(tmp)` fills a temporary sibling and returns metadata,
-    which is written as meta.json (with the fingerprint) before the rename. Returns (folder, built now)."""
+    which is written as meta.json (with the fingerprint, when given) before the rename. Returns (folder, built
+    now); when another process renamed its copy into place first, that one is kept."""
     if is_ready(folder):
         return folder, False
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +52,8 @@ def build_once(folder: Path, build: Callable[[Path], dict], fingerprint: dict) -
     tmp.mkdir()
     try:
         meta = build(tmp)
-        (tmp / META).write_text(json.dumps({**meta, "fingerprint": fingerprint}, indent=1, default=str))
+        extra = {"fingerprint": fingerprint} if fingerprint is not None else {}
+        (tmp / META).write_text(json.dumps({**meta, **extra}, indent=1, default=str))
         if folder.exists() and not is_ready(folder):  # a stale, incomplete entry (should not happen): replace it
             shutil.rmtree(folder, ignore_errors=True)
         try:

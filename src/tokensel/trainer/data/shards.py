@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import operator
 import os
-import shutil
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -141,9 +140,10 @@ def write_token_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLik
     start method; spawn works too), in order, so the files are byte-identical to `num_proc=1`. Memory: about
     2 x num_proc + 1 batches of text and their ids, whatever the corpus size (a single document longer than
     `batch_chars` is tokenised whole); shards are appended batch by batch.
-    Everything is written to `<out_dir>.tmp-<pid>` and renamed to `out_dir` at the end; if another process
-    renamed its own copy there first, that one is kept (and its metadata returned). On any error the
-    temporary folder is removed and no `out_dir` is left. Raises `DataError` when there are no tokens.
+    Everything is written to `<out_dir>.tmp-<pid>` and renamed to `out_dir` at the end (`cache.build_once`); an
+    `out_dir` that is already complete, or that another process renamed into place first, is kept (and its
+    metadata returned). On any error the temporary folder is removed and no `out_dir` is left. Raises `DataError`
+    when there are no tokens.
     `max_tokens`: stop after that many tokens (the rest of `docs` is never read or tokenised).
     """
     if min(batch_docs, batch_chars, shard_tokens, num_proc) < 1:
@@ -154,11 +154,29 @@ def write_token_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLik
     eos_id = int(eos_id)
     if not 0 <= eos_id <= np.iinfo(dtype).max:
         raise ValueError(f"eos_id={eos_id} does not fit {dtype.name} (len(tokenizer)={len(tokenizer)})")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a crashed process that had our pid
-    tmp.mkdir()
-    writer = _ShardWriter(tmp, shard_tokens)
+    from tokensel.trainer.data.cache import build_once
+
+    def build(tmp: Path) -> dict:
+        writer = _ShardWriter(tmp, shard_tokens)
+        try:
+            n_docs = _write_docs(docs, tokenizer, writer, eos_id, dtype, num_proc, batch_docs, batch_chars,
+                                 max_tokens)
+        finally:
+            writer.close()
+        total = sum(s["tokens"] for s in writer.shards)
+        if total == 0:
+            raise DataError(f"{out_dir}: no tokens to write ({n_docs} documents); nothing was written")
+        return {"format": FORMAT, "dtype": dtype.name, "shards": writer.shards, "tokens": total, "docs": n_docs,
+                "eos_id": eos_id, "source": dict(meta or {})}
+
+    build_once(out_dir, build, None)  # temporary sibling, then rename; another process's finished copy is kept
+    return read_token_meta(out_dir)  # exactly what the folder holds (`meta` values JSON cannot hold become str)
+
+
+def _write_docs(docs, tokenizer, writer: _ShardWriter, eos_id: int, dtype: np.dtype, num_proc: int, batch_docs: int,
+                batch_chars: int, max_tokens: int | None) -> int:
+    """Tokenise `docs` batch by batch (in a pool when num_proc > 1, in order) into `writer`, stopping at
+    `max_tokens`; returns the number of documents read."""
     n_docs, written = 0, 0
 
     def put(arr: np.ndarray) -> bool:
@@ -170,56 +188,36 @@ def write_token_shards(docs: Iterable[str], tokenizer, out_dir: str | os.PathLik
         written += int(arr.size)
         return max_tokens is not None and written >= max_tokens
 
+    batches = _batches(docs, batch_docs, batch_chars)
+    if num_proc == 1:
+        for batch in batches:
+            n_docs += len(batch)
+            if put(_encode(tokenizer, batch, eos_id, dtype)):
+                break
+        return n_docs
+    slots, stop = threading.Semaphore(2 * num_proc), threading.Event()
+    pool = multiprocessing.get_context().Pool(num_proc, initializer=_init_worker,
+                                              initargs=(tokenizer, eos_id, dtype.name))
     try:
-        batches = _batches(docs, batch_docs, batch_chars)
-        if num_proc == 1:
-            for batch in batches:
-                n_docs += len(batch)
-                if put(_encode(tokenizer, batch, eos_id, dtype)):
-                    break
-        else:
-            slots, stop = threading.Semaphore(2 * num_proc), threading.Event()
-            pool = multiprocessing.get_context().Pool(num_proc, initializer=_init_worker,
-                                                      initargs=(tokenizer, eos_id, dtype.name))
-            try:
-                full = False
-                for n, arr in pool.imap(_work, _throttled(batches, slots, stop)):
-                    slots.release()
-                    n_docs += n
-                    if full := put(arr):
-                        break
-            except BaseException:
-                stop.set()  # unblocks the pool's task thread so that terminate() can join it
-                pool.terminate()
-                raise
-            else:
-                if full:  # enough tokens: the batches still queued are not needed
-                    stop.set()
-                    pool.terminate()
-                else:
-                    pool.close()
-            finally:
-                pool.join()
-        writer.close()
-        total = sum(s["tokens"] for s in writer.shards)
-        if total == 0:
-            raise DataError(f"{out_dir}: no tokens to write ({n_docs} documents); nothing was written")
-        text = json.dumps({"format": FORMAT, "dtype": dtype.name, "shards": writer.shards, "tokens": total,
-                           "docs": n_docs, "eos_id": eos_id, "source": dict(meta or {})}, indent=1, default=str)
-        (tmp / META).write_text(text)
-        info = json.loads(text)  # exactly what the file holds (`meta` values JSON cannot hold become str)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if not (out_dir / META).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: keep theirs
-            return read_token_meta(out_dir)
-        return info
+        full = False
+        for n, arr in pool.imap(_work, _throttled(batches, slots, stop)):
+            slots.release()
+            n_docs += n
+            if full := put(arr):
+                break
     except BaseException:
-        writer.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop.set()  # unblocks the pool's task thread so that terminate() can join it
+        pool.terminate()
         raise
+    else:
+        if full:  # enough tokens: the batches still queued are not needed
+            stop.set()
+            pool.terminate()
+        else:
+            pool.close()
+    finally:
+        pool.join()
+    return n_docs
 
 
 def _corrupt(folder: Path, what: str) -> DataError:
