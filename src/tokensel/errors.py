@@ -12,3 +12,9 @@ class DataError(TokenselError, ValueError):
 
 class ConfigError(TokenselError, ValueError):
     """A bad recipe key or value (the message names the key and the valid choices)."""
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """`Type: first line of the message` of a third-party exception, for quoting inside one of ours."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:limit]}" if lines else type(e).__name__

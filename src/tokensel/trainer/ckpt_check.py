@@ -9,12 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tokensel.errors import TokenselError
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0][:160]}" if s else type(e).__name__
+from tokensel.errors import TokenselError, first_line
 
 
 def read_checkpoint(ckpt_path: str) -> dict | None:
@@ -32,7 +27,7 @@ def read_checkpoint(ckpt_path: str) -> dict | None:
     try:
         ck = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # noqa: BLE001 - torch / pickle / zipfile raise many types for a bad file
-        raise TokenselError(f"--ckpt_path {ckpt_path}: not a checkpoint tokensel can read ({_first_line(e)}); it may "
+        raise TokenselError(f"--ckpt_path {ckpt_path}: not a checkpoint tokensel can read ({first_line(e)}); it may "
                             "be truncated (a copy cut short) or another format; pass a .ckpt written by trainer "
                             "fit") from None
     if not isinstance(ck, dict) or not isinstance(ck.get("state_dict"), dict):

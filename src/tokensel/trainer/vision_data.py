@@ -31,7 +31,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from tokensel.errors import ConfigError, DataError
+from tokensel.errors import ConfigError, DataError, first_line
 from tokensel.trainer.idx import read_idx
 
 log = logging.getLogger(__name__)
@@ -191,8 +191,7 @@ def _to_uint8(value, where, channels: int, size: int, nearest: bool = False) -> 
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - PIL / numpy raise many types for a bad image
-        first = str(e).splitlines()[0][:160] if str(e) else ""
-        raise DataError(f"{where}: cannot read image ({type(e).__name__}: {first})") from None
+        raise DataError(f"{where}: cannot read image ({first_line(e)})") from None
 
 
 def _pil_to_uint8(img, channels: int, size: int, nearest: bool = False) -> Tensor:

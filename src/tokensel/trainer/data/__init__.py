@@ -36,10 +36,10 @@ from tokensel.trainer.data.packing import (
 from tokensel.trainer.data.pretrain import PretrainDataModule
 from tokensel.trainer.data.sampler import MixtureSampler, ResumableSampler
 from tokensel.trainer.data.sft import SFTDataModule
-from tokensel.trainer.data.sources import Source, collect, iter_rows, parse_source, parse_sources
+from tokensel.trainer.data.sources import Source, iter_rows, parse_source, parse_sources
 
 __all__ = ["IGNORE", "MixtureSampler", "PACKED_ATTENTION", "PackedDataset", "PretrainDataModule", "ROLES",
            "ResumableSampler", "SFTDataModule", "SFT_FORMATS", "SHAREGPT_ROLES", "SampleView", "Source", "TRAIN_ON",
-           "TextDataModule", "TokenizedDataset", "_WARNED", "collect", "iter_rows", "model_attention_mask",
+           "TextDataModule", "TokenizedDataset", "_WARNED", "iter_rows", "model_attention_mask",
            "pack_samples", "packed_collate", "pad_collate", "parse_sft_row", "parse_source", "parse_sources",
            "tokenize_chat"]

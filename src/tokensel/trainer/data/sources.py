@@ -16,15 +16,13 @@ A data entry (`train_files` / `val_files` item) is a string or a mapping:
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokensel.errors import ConfigError, DataError
+from tokensel.errors import ConfigError, DataError, first_line
 
-log = logging.getLogger(__name__)
 LOCAL_TYPES = (".jsonl", ".json", ".txt", ".text", ".csv", ".tsv", ".parquet", "")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _SPLIT = re.compile(r"^[\w.-]+(\[[^\]]*\])?$")  # train, train_sft, train[:1000], test[10%:]
@@ -143,7 +141,7 @@ def iter_rows(src: Source, streaming: bool = False) -> Iterator[tuple[str, objec
     elif kind == "file" and p.suffix == ".json":
         yield from _iter_json(src.path, p)
     else:
-        yield from _iter_datasets(src, p, kind, streaming)
+        yield from _iter_datasets(src, streaming)
 
 
 def _iter_lines(path: str, p: Path) -> Iterator[tuple[str, object]]:
@@ -185,11 +183,6 @@ def _iter_json(path: str, p: Path) -> Iterator[tuple[str, object]]:
         yield f"{path}: item {i}", r
 
 
-def _first_line(e: Exception) -> str:
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0][:200]}" if s else type(e).__name__
-
-
 def load_hf(src: Source, streaming: bool = False):
     """The `datasets` Dataset (or IterableDataset) of a non-JSONL source, split chosen."""
     import datasets
@@ -218,17 +211,17 @@ def load_hf(src: Source, streaming: bool = False):
         raise
     except Exception as e:  # noqa: BLE001 - datasets / pyarrow / hub raise many types for a bad source
         if kind == "file" and p.suffix == ".parquet":
-            raise DataError(f"{src.where}: not a parquet file datasets can read ({_first_line(e)}); rewrite it or "
+            raise DataError(f"{src.where}: not a parquet file datasets can read ({first_line(e)}); rewrite it or "
                             "use JSONL") from None
         hint = {"file": "check the file, or convert it to JSONL",
                 "saved": "it must be a folder written by save_to_disk",
                 "folder": "it must hold data files datasets can read (jsonl, csv, parquet, ...)",
                 "hub": "check the id and split; offline, the dataset must be in the datasets cache (load it once "
                        "online) or saved locally with save_to_disk"}[kind]
-        raise DataError(f"{src.where}: cannot load ({_first_line(e)}); {hint}") from None
+        raise DataError(f"{src.where}: cannot load ({first_line(e)}); {hint}") from None
 
 
-def _iter_datasets(src: Source, p: Path, kind: str, streaming: bool) -> Iterator[tuple[str, object]]:
+def _iter_datasets(src: Source, streaming: bool) -> Iterator[tuple[str, object]]:
     ds = load_hf(src, streaming)
     for i, r in enumerate(ds):
         yield f"{src.where}: row {i}", r
@@ -250,32 +243,4 @@ def source_identity(src: Source, content: bool = False, streaming: bool = False)
             out["fingerprint"] = load_hf(src)._fingerprint
         except DataError:
             out["fingerprint"] = None
-    return out
-
-
-def collect(sources: list[Source], parse, on_bad_row: str, limit: int | None = None,
-            streaming: bool = False) -> list:
-    """`parse(loc, row)` over every row of `sources` (at most `limit` rows read from each); bad rows raise or
-    are counted, per `on_bad_row`; None results are dropped."""
-    out, bad = [], 0
-    for src in sources:
-        for n, (loc, row) in enumerate(iter_rows(src, streaming)):
-            if limit is not None and n >= limit:
-                break
-            try:
-                if isinstance(row, DataError):
-                    raise row
-                item = parse(loc, row)
-            except DataError:
-                if on_bad_row == "error":
-                    raise
-                bad += 1
-                continue
-            if item is not None:
-                out.append(item)
-    if bad:
-        log.warning("tokensel data: skipped %d malformed rows (on_bad_row=skip)", bad)
-        print(f"tokensel data: skipped {bad} malformed rows (on_bad_row=skip)")
-    if not out:
-        raise DataError(f"{', '.join(s.where for s in sources)}: no usable rows")
     return out
