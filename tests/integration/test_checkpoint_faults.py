@@ -22,15 +22,21 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "integration" / "tiny" / "_lm.yaml"
 KILLS = 20
 
-def _writer(path: str, start: int, ready) -> None:
-    """Write checkpoints forever (~32 MB each, so a kill often lands inside torch.save or the rename)."""
-    torch.set_num_threads(1)
+def _writer(path: str, start: int, done, last_s) -> None:
+    """Write checkpoints forever (~32 MB each), counting finished writes in `done` and timing the last one in
+    `last_s` (making the tensor, then saving it), so the parent can aim its kill inside the next save whatever
+    the disk's speed."""
+    torch.set_num_threads(1)  # a forked child must not enter an OpenMP parallel region of the parent's pool
     io, n = AtomicCheckpointIO(), start
-    ready.set()
     while True:
         n += 1
+        t0 = time.perf_counter()
         x = torch.full((8 * 1024 * 1024,), float(n))
-        io.save_checkpoint({"n": n, "x": x, "sum": float(x.sum())}, path)
+        ck = {"n": n, "x": x, "sum": float(x.sum())}
+        t1 = time.perf_counter()
+        io.save_checkpoint(ck, path)
+        last_s[0], last_s[1] = t1 - t0, time.perf_counter() - t1
+        done.value += 1
 
 
 def test_sigkill_at_random_moments_never_leaves_a_broken_last_ckpt(tmp_path):
@@ -40,19 +46,23 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_last_ckpt(tmp_path):
     path, rng, seen = tmp_path / "last.ckpt", random.Random(0), []
     for _ in range(KILLS):
         start = torch.load(path, weights_only=True)["n"] if path.exists() else 0
-        ready = ctx.Event()
-        p = ctx.Process(target=_writer, args=(str(path), start, ready), daemon=True)
+        done, last_s = ctx.Value("i", 0), ctx.Array("d", 2)
+        p = ctx.Process(target=_writer, args=(str(path), start, done, last_s), daemon=True)
         p.start()
-        assert ready.wait(60)
-        time.sleep(rng.uniform(0.02, 0.6))
+        deadline = time.monotonic() + 120
+        while done.value < 1:  # one finished write in this process, then kill somewhere inside the next one
+            assert p.is_alive() and time.monotonic() < deadline, "the writer finished no checkpoint in 120 s"
+            time.sleep(0.002)
+        time.sleep(last_s[0] + rng.uniform(0.0, last_s[1]))
         os.kill(p.pid, signal.SIGKILL)
         p.join(60)
-        if path.exists():
-            ck = torch.load(path, weights_only=True)  # never a truncated file
-            assert ck["sum"] == float(ck["n"]) * ck["x"].numel() and torch.all(ck["x"] == ck["n"])
-            seen.append(ck["n"])
-    assert len(seen) >= KILLS - 2 and seen == sorted(seen), seen  # each kill kept the last finished write
+        ck = torch.load(path, weights_only=True)  # never a truncated file
+        assert ck["sum"] == float(ck["n"]) * ck["x"].numel() and torch.all(ck["x"] == ck["n"])
+        assert ck["n"] >= start + 1
+        seen.append(ck["n"])
+    assert seen == sorted(seen), seen  # each kill kept the last finished write
     stale = list(tmp_path.glob("last.ckpt.tmp-*"))
+    assert len(stale) >= KILLS // 4, stale  # kills landed inside writes (else this test proves little); seen: 11-18
     removed = remove_stale_temps(tmp_path)
     assert set(removed) == set(stale) and not list(tmp_path.glob("*.tmp*"))
     print(f"\n{KILLS} kills, {len(stale)} left a temporary file, every last.ckpt loaded ({seen[-1]} writes)")
