@@ -1,8 +1,10 @@
-"""`trainer` / `tokensel` / `python -m tokensel`: LightningCLI with fit, validate, test, predict and export.
+"""`trainer` / `tokensel` / `python -m tokensel`: LightningCLI with fit, validate, test, predict and export, and
+`eval` (lm-evaluation-harness on an export, `tokensel.trainer.harness`).
 
     trainer fit --config recipes/sstoken.yaml
     trainer fit --config recipes/rho1.yaml --model.selector.init_args.k 0.7
     trainer export --config recipes/rho1.yaml --ckpt_path last --out exported/rho1
+    trainer eval exported/rho1 --tasks gsm8k --limit 200
 
 Models and data modules are chosen by `class_path` (subclass mode), so every LightningModule /
 LightningDataModule in `tokensel.trainer` can be named by its short class name; selectors, losses and
@@ -303,6 +305,11 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> TokenselCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Console entry point: clear one-line errors for bad input, non-zero exit, no traceback."""
+    argv = sys.argv[1:] if args is None else [str(a) for a in args]
+    if argv[:1] == ["eval"]:  # lm-evaluation-harness on an export folder: not a config-driven Lightning verb
+        from tokensel.trainer.harness import main as eval_main
+
+        return eval_main(argv[1:])
     try:
         cli = cli_main(args)
     except TokenselError as e:

@@ -1,6 +1,7 @@
 """Evaluation end to end on tiny models: a fit that logs generation exact match and throughput (summary line and
 metrics CSV) and puts the decoded samples in the run folder and the selection report; `trainer test` for the LM,
-ViT and DiT modules; the lm-evaluation-harness helper without the package."""
+ViT and DiT modules; `trainer eval` (lm-evaluation-harness) on an export with a local multiple-choice task, against
+log-likelihoods computed here, and its one-line messages (package absent, unknown task)."""
 
 import csv
 import importlib.util
@@ -86,10 +87,93 @@ def test_trainer_test_runs_for_the_vision_modules(tmp_path, recipe):
     assert "test/loss" in r.stdout
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm-eval is installed")
-def test_lm_eval_helper_without_the_package_says_how_to_install_it(tmp_path):
+def test_lm_eval_helper_without_the_package_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    from tokensel.trainer import harness
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
     (tmp_path / "config.json").write_text("{}")
-    r = run_cli([tmp_path, "--tasks", "gsm8k"], tmp_path, module="tokensel.trainer.harness")
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: lm-evaluation-harness is not installed: pip install "
-                                             "'tokensel[eval]' (or pip install lm-eval), then rerun"]
+    with pytest.raises(SystemExit) as e:
+        harness.main([str(tmp_path), "--tasks", "gsm8k"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: lm-evaluation-harness is not installed: pip install 'tokensel[eval]' (or pip install lm-eval), "
+        "then rerun"]
+
+
+MC_TASK = """task: tiny_arith_mc
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+DOCS = [("2 + 3 =", ["5", "6", "23"], 0), ("7 - 4 =", ["11", "3", "4"], 1), ("3 x 3 =", ["6", "33", "9"], 2),
+        ("10 / 2 =", ["5", "8", "20"], 0), ("6 + 6 =", ["66", "12", "0"], 1), ("9 - 1 =", ["10", "91", "8"], 2),
+        ("4 x 2 =", ["8", "6", "42"], 0)]
+
+
+def _loglikelihood(model, tok, context: str, continuation: str) -> float:
+    """The harness's rule for a causal LM: encode context + continuation whole, score the tokens past the context."""
+    import torch
+
+    ctx, whole = tok.encode(context), tok.encode(context + continuation)
+    cont = whole[len(ctx):]
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids[:, :-1]).logits.double(), -1)[0]
+    return float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs the eval extra (lm-eval)")
+def test_trainer_eval_runs_lm_eval_on_an_export_and_matches_log_likelihoods_computed_here(tmp_path):
+    """An exported tiny LM through `trainer eval` with an offline multiple-choice task: the harness's score for
+    every choice equals the log-likelihood computed here from the exported weights, and its accuracy equals the
+    hand count of argmax choices against the targets (a model that ignores or scrambles the export would not)."""
+    data, tasks = tmp_path / "mc.jsonl", tmp_path / "tasks"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in DOCS))
+    tasks.mkdir()
+    (tasks / "tiny_arith_mc.yaml").write_text(MC_TASK.format(data=data))
+    exp = tmp_path / "exported"
+    r = run_cli(["export", "--config", ROOT / "recipes" / "sstoken.yaml", "--config", TINY / "_lm.yaml",
+                 "--allow_untrained", "true", "--out", exp], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(["eval", exp, "--tasks", "tiny_arith_mc", "--include_path", tasks, "--batch_size", 2,
+                 "--device", "cpu", "--log_samples"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tokensel: lm_eval --model hf" in r.stdout and f"lm-eval results in {exp / 'lm_eval.json'}" in r.stdout
+    acc = json.loads((exp / "lm_eval.json").read_text())["tiny_arith_mc"]["acc,none"]
+    rows = sorted((json.loads(ln) for ln in (exp / "lm_eval_samples.jsonl").read_text().splitlines()),
+                  key=lambda row: row["doc_id"])
+    assert [row["doc_id"] for row in rows] == list(range(len(DOCS)))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(exp).eval(), AutoTokenizer.from_pretrained(exp)
+    correct = 0
+    for (q, choices, answer), row in zip(DOCS, rows):
+        mine = [_loglikelihood(model, tok, f"Question: {q}\nAnswer:", " " + c) for c in choices]
+        theirs = [resp[0] if isinstance(resp, (list, tuple)) else resp for resp in row["responses"]]
+        theirs = [float(v[0] if isinstance(v, (list, tuple)) else v) for v in theirs]
+        assert theirs == pytest.approx(mine, abs=1e-4), (q, theirs, mine)
+        correct += max(range(len(choices)), key=mine.__getitem__) == answer
+    assert acc == pytest.approx(correct / len(DOCS))
+
+
+def test_trainer_eval_names_an_unknown_task_or_a_missing_export_in_one_line(tmp_path):
+    r = run_cli(["eval", tmp_path / "nowhere", "--tasks", "gsm8k"], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and ("not an exported model folder" in err[0] or "not installed" in err[0]), err
+    if importlib.util.find_spec("lm_eval") is None:
+        return
+    (tmp_path / "config.json").write_text("{}")
+    r = run_cli(["eval", tmp_path, "--tasks", "no_such_task_xyz"], tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --tasks no_such_task_xyz: unknown lm-eval task(s) no_such_task_xyz; `lm_eval ls tasks` lists them, "
+        "or pass --include_path DIR with your own task YAML"], r.stderr[-2000:]
