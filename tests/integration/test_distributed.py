@@ -196,3 +196,40 @@ def _worker_pids(agent: int) -> list[int]:
                 kids.append(int(d.name))
     assert kids, "torchrun has no worker processes"
     return sorted(kids)
+
+
+def _validate(cwd: Path, run: str, devices: int, *extra) -> dict[str, float]:
+    """`trainer validate` of the untrained tiny model (seeded: the same weights in every run) on two validation
+    sources of 13 and 8 rows at micro-batch 2; returns the logged val/ metrics."""
+    import json
+
+    files = []
+    cwd.mkdir(parents=True, exist_ok=True)
+    for name, n in (("arith", 13), ("words", 8)):
+        f = cwd / f"{name}.jsonl"
+        f.write_text("".join(json.dumps({"prompt": f"{name} {i}?", "response": f"{name} answer {i * 7}"}) + "\n"
+                             for i in range(n)))
+        files.append(str(f))
+    args = _args(run, 2, "--trainer.devices", devices, "--data.init_args.val_files", json.dumps(files),
+                 "--trainer.limit_val_batches", "null", *extra)
+    _run([sys.executable, "-m", "tokensel", "validate", *args[1:]], cwd)
+    (metrics,) = (cwd / "logs" / run).glob("version_*/metrics.csv")
+    with open(metrics) as f:
+        (row,) = [r for r in csv.DictReader(f) if r.get("val/loss")]
+    return {k: float(v) for k, v in row.items() if k.startswith("val/") and v}
+
+
+def test_validation_is_sharded_across_ranks_and_its_means_match_one_process(tmp_path):
+    """Each rank scores its own share (13 + 8 rows over 2 ranks: shares of 11 and 10, padded to 11 with an
+    unlabelled copy), so the labelled tokens scored, summed over ranks, equal one process's (scoring the whole set
+    on each rank would double them), and val/loss, token accuracy and each source's loss equal one process's.
+    ZeRO-3, whose forward gathers weights collectively, needs the equal batch counts the padding gives."""
+    one = _validate(tmp_path / "one", "v1", 1)
+    assert {"val/loss", "val/token_acc", "val/tokens", "val/loss/arith", "val/loss/words"} <= one.keys(), one
+    for run, extra in (("ddp", ["--trainer.strategy", "ddp"]),
+                       ("z3", ["--config", ROOT / "configs" / "deepspeed" / "zero3.yaml"])):
+        two = _validate(tmp_path / run, run, 2, *extra)
+        print(run, two)
+        assert two["val/tokens"] == one["val/tokens"], (one, two)
+        for k in ("val/loss", "val/token_acc", "val/loss/arith", "val/loss/words"):
+            assert abs(two[k] - one[k]) <= 1e-5, (k, one, two)

@@ -257,24 +257,43 @@ def test_weighted_sources_mix_resume_exactly_and_name_their_validation_loss(tmp_
     assert set(val["source_index"][val["attention_mask"] == 1].tolist()) <= {0, 1}
 
 
-def test_per_source_validation_loss_is_logged_under_each_name():
+def test_each_rank_scores_its_own_share_of_the_validation_set_padded_with_unlabelled_copies():
+    from tokensel.trainer.data import IGNORE
+    from tokensel.trainer.data.sampler import EvalShard
+
+    base = [{"input_ids": [i, i + 1], "labels": [i, i + 1], "sample_index": i} for i in range(7)]
+    shares = [EvalShard(base, r, 3) for r in range(3)]
+    assert [len(s) for s in shares] == [3, 3, 3]  # the same batch count on every rank (ZeRO-3 collectives)
+    items = [s[i] for s in shares for i in range(len(s))]
+    scored = sorted(x["sample_index"] for x in items if x["labels"][0] != IGNORE)
+    assert scored == list(range(7))  # every sample scored exactly once
+    assert [x["sample_index"] for x in shares[0]] == [0, 3, 6]
+    pads = [x for x in items if x["labels"][0] == IGNORE]
+    assert len(pads) == 2 and all(x["labels"] == [IGNORE, IGNORE] for x in pads)
+    assert base[1]["labels"] == [1, 2]  # the copies do not touch the set itself
+    packed = EvalShard([[base[0], base[1]], [base[2]], [base[3]]], 1, 2)  # packed rows: row 1, then a pad
+    assert [s["labels"] for s in packed[0]] == [[2, 3]]
+    assert [(s["input_ids"], s["labels"]) for s in packed[1]] == [([0, 1], [IGNORE] * 2), ([1, 2], [IGNORE] * 2)]
+    assert [len(EvalShard(base, r, 1)) for r in range(1)] == [7] and EvalShard(base, 0, 1)[6] is base[6]
+    with pytest.raises(IndexError):
+        shares[0][3]
+
+
+def test_per_source_validation_loss_is_each_sources_token_weighted_mean():
+    from torchmetrics.aggregation import MeanMetric
+
     from tokensel.trainer.lm import SelectiveLM
 
-    logged = {}
-
-    class DM:
-        val_source_names = ["wiki", "math"]
-
-    class T:
-        datamodule = DM()
-
-    fake = type("M", (), {"_trainer": T(), "log": lambda self, k, v, batch_size: logged.__setitem__(k, (float(v),
-                                                                                                       batch_size))})()
+    means = {"loss/wiki": MeanMetric(), "loss/math": MeanMetric()}
     loss = torch.tensor([[0.0, 1.0, 3.0], [0.0, 2.0, 9.0]])
     valid = torch.tensor([[False, True, True], [False, True, False]])
     source = torch.tensor([[0, 0, 0], [1, 1, -1]])
-    SelectiveLM._log_per_source(fake, loss, valid, {"source_index": source})
-    assert logged == {"val/loss/wiki": (2.0, 2), "val/loss/math": (2.0, 1)}
+    SelectiveLM.update_per_source(means, loss, valid, source, ["wiki", "math"])
+    # a second batch, uneven: wiki gets one more token, math none
+    SelectiveLM.update_per_source(means, torch.tensor([[5.0, 7.0]]), torch.tensor([[True, False]]),
+                                  torch.tensor([[0, 1]]), ["wiki", "math"])
+    assert float(means["loss/wiki"].compute()) == pytest.approx((1 + 3 + 5) / 3)  # not the mean of batch means
+    assert float(means["loss/math"].compute()) == pytest.approx(2.0)
 
 
 # ---------------------------------------------------------------- tokenise once

@@ -32,7 +32,7 @@ from tokensel.modules.basic import FullSelection
 from tokensel.offline import TINY_TOKENIZER, resolve_model, resolve_tokenizer
 from tokensel.trainer.export import save_hf
 from tokensel.trainer.report import SelectionReport
-from tokensel.trainer.strategies import call_in_module, gathered
+from tokensel.trainer.strategies import call_in_module
 from tokensel.trainer.token_cache import TokenStatsCache
 
 log = logging.getLogger(__name__)
@@ -606,11 +606,13 @@ class SelectiveLM(LightningModule):
     def _eval_means(self, stage: str) -> dict:
         """Token-weighted running means of one stage (loss, token accuracy), synced across ranks on compute
         (torchmetrics), made on first use on the module's device; float64 sums where the device has them."""
-        from torchmetrics.aggregation import MeanMetric
+        from torchmetrics.aggregation import MeanMetric, SumMetric
 
         means = self.__dict__.setdefault("_eval_metrics", {})
         if stage not in means:
-            means[stage] = {k: MeanMetric().to(self.device) for k in ("loss", "token_acc")}
+            keys = ["loss", "token_acc"] + [f"loss/{name}" for name in self._val_source_names()]
+            means[stage] = {k: MeanMetric().to(self.device) for k in keys}
+            means[stage]["tokens"] = SumMetric().to(self.device)  # labelled tokens scored, all ranks together
             if self.device.type != "mps":
                 for m in means[stage].values():
                     m.set_dtype(torch.float64)
@@ -625,7 +627,9 @@ class SelectiveLM(LightningModule):
         dtype = means["loss"].mean_value.dtype
         means["loss"].update(loss_tok[rows["b"], rows["t"]].to(dtype))
         means["token_acc"].update(correct.to(dtype))
-        self._log_per_source(loss_tok, valid, batch, stage)
+        means["tokens"].update(torch.tensor(float(correct.numel()), dtype=dtype, device=correct.device))
+        if "source_index" in batch:
+            self.update_per_source(means, loss_tok, valid, batch["source_index"], self._val_source_names())
 
     def _eval_epoch_end(self, stage: str) -> None:
         """loss = sum of token losses / token count over the whole set and all ranks, ppl = exp(loss) (not a
@@ -633,41 +637,53 @@ class SelectiveLM(LightningModule):
         means = self.__dict__.get("_eval_metrics", {}).get(stage)
         if not means:
             return
-        loss, acc = means["loss"].compute().float(), means["token_acc"].compute().float()
+        values = {k: m.compute().float() for k, m in means.items()}  # in one order on every rank (collectives)
         for m in means.values():
             m.reset()
         # already reduced over ranks; sync_dist only keeps Lightning from warning about epoch-level logging
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
-        self.log(f"{stage}/ppl", torch.exp(loss), sync_dist=True)
-        self.log(f"{stage}/token_acc", acc, sync_dist=True)
+        self.log(f"{stage}/loss", values["loss"], prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}/ppl", torch.exp(values["loss"]), sync_dist=True)
+        self.log(f"{stage}/token_acc", values["token_acc"], sync_dist=True)
+        self.log(f"{stage}/tokens", values["tokens"], sync_dist=True)
+        for k, v in values.items():
+            if k.startswith("loss/") and not torch.isnan(v):  # a source with no labelled token logs nothing
+                self.log(f"{stage}/{k}", v, sync_dist=True)
 
-    def _log_per_source(self, loss_tok: Tensor, valid: Tensor, batch: dict, stage: str = "val") -> None:
-        """`val/loss/<source>` for each validation source of a multi-source run (token-weighted over the epoch,
-        like val/loss): a mixture's sources are judged one by one, not only through their blend."""
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        names = getattr(dm, "val_source_names", None) or []
-        if len(names) < 2 or "source_index" not in batch:
-            return
-        src = batch["source_index"]
+    @staticmethod
+    def update_per_source(means: dict, loss_tok: Tensor, valid: Tensor, source_index: Tensor,
+                          names: list[str]) -> None:
+        """Feed each source's labelled token losses to its `loss/<name>` mean (a multi-source run)."""
         for s, name in enumerate(names):
-            m = valid & (src == s)
-            k = int(m.sum())
-            if k:
-                self.log(f"{stage}/loss/{name}", loss_tok[m].sum() / k, batch_size=k)
+            m = valid & (source_index == s)
+            if m.any():
+                metric = means[f"loss/{name}"]
+                metric.update(loss_tok[m].to(metric.mean_value.dtype))
+
+    def _val_source_names(self) -> list[str]:
+        """The validation sources' names when there are several (`val/loss/<source>` for each, token-weighted over
+        the whole set and all ranks like val/loss): a mixture's sources are judged one by one, not only through
+        their blend. One source: none (val/loss is its loss)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = list(getattr(dm, "val_source_names", None) or [])
+        return names if len(names) > 1 else []
 
     def _token_accuracy(self, hidden: Tensor, targets: Tensor, chunk: int = 1024) -> Tensor:
         """Per labelled row, whether the greedy next token is the target (bool `[n]`). Reads the hidden rows of
         the loss pass (`token_stats(rows_out=...)`): no second backbone forward, and the argmax runs chunk by
-        chunk (no full logits). Softcapping is monotonic, so it leaves the argmax as it is."""
+        chunk (no full logits). Softcapping is monotonic, so it leaves the argmax as it is. Under ZeRO-3 it runs
+        as the head module's forward, whose hooks gather the weight: `GatheredParameters` would try to re-partition
+        a tied weight the embedding's forward still holds, and fail."""
         _, weight, bias, _ = backbone_and_head(self.model)
-        out = []
-        with gathered(weight, bias):  # ZeRO-3: the full head weight (no grad here)
+
+        def hits(hidden: Tensor, targets: Tensor) -> Tensor:
+            out = []
             for s in range(0, hidden.shape[0], chunk):
                 logits = hidden[s:s + chunk] @ weight.t()
                 if bias is not None:
                     logits = logits + bias
                 out.append(logits.argmax(-1) == targets[s:s + chunk])
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=targets.device)
+            return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool, device=targets.device)
+        return call_in_module(_unwrap(self.model).get_output_embeddings(), hits, hidden, targets)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[tuple[int, Tensor, int]]:
         """Per sample of a padded or packed batch: (sample id, per-token losses `[n]` indexed by token

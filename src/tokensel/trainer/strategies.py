@@ -116,19 +116,6 @@ def is_zero3_partitioned(param) -> bool:
     return hasattr(param, "ds_id") and hasattr(param, "ds_tensor")
 
 
-def gathered(*params):
-    """Context manager: the full value of ZeRO-3-partitioned `params` (read-only, e.g. under no_grad);
-    a no-op for ordinary tensors / None."""
-    import contextlib
-
-    parts = [p for p in params if p is not None and is_zero3_partitioned(p)]
-    if not parts:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(parts, modifier_rank=None)
-
-
 def call_in_module(module, fn, *args, **kwargs):
     """`fn(*args, **kwargs)`, run as `module`'s forward when ZeRO-3 has partitioned its parameters.
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tokensel.errors import ConfigError
 from tokensel.trainer.data.packing import pad_collate
-from tokensel.trainer.data.sampler import MixtureSampler, ResumableSampler
+from tokensel.trainer.data.sampler import EvalShard, MixtureSampler, ResumableSampler
 from tokensel.trainer.data.sources import Source, parse_sources
 
 
@@ -306,9 +306,14 @@ class TextDataModule(LightningDataModule, abc.ABC):
                           generator=self._loader_generator())
 
     def val_dataloader(self) -> DataLoader | list:
+        """Each data-parallel rank scores its own share of the validation set (`EvalShard`); one process reads
+        it all, in order."""
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        data = self.val_set if world == 1 else EvalShard(self.val_set, rank, world)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
                           num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader | list:

@@ -1,9 +1,11 @@
-"""Seeded, resumable, rank-sharded sampling."""
+"""Seeded, resumable, rank-sharded sampling; each rank's share of an evaluation set."""
 
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
+
+from tokensel.trainer.data.formats import IGNORE
 
 
 class ResumableSampler(Sampler[int]):
@@ -102,3 +104,34 @@ def rank_sampler(trainer, dataset, shuffle: bool, seed: int, drop_last: bool = F
 
     return DistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank, shuffle=shuffle, seed=seed,
                               drop_last=drop_last)
+
+
+class EvalShard(Dataset):
+    """Rank `rank` of `world`'s share of an evaluation set: items rank, rank + world, rank + 2 world, ...
+
+    Every item is scored by exactly one rank (validation costs 1/world of the set per rank instead of the whole
+    set on each), and the token-weighted means, summed over ranks, equal one process's. The shares are padded to
+    ceil(n / world) items with copies whose labels are all ignored (they add no token to any mean), so every rank
+    runs the same number of batches: ZeRO-3 gathers weights collectively in each forward, and a rank with one
+    batch fewer would leave the others waiting."""
+
+    def __init__(self, base, rank: int, world: int):
+        self.base, self.rank, self.world = base, rank, max(1, world)
+        self.n = len(base)
+        self.per_rank = -(-self.n // self.world)
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.per_rank:
+            raise IndexError(i)
+        j = self.rank + i * self.world
+        return self.base[j] if j < self.n else _ignored(self.base[j % self.n])
+
+
+def _ignored(item):
+    """A copy of a sample (or of a packed row's samples) with no labelled token."""
+    if isinstance(item, list):
+        return [_ignored(s) for s in item]
+    return {**item, "labels": [IGNORE] * len(item["labels"])}
