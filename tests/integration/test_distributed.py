@@ -70,6 +70,7 @@ def _run(cmd: list, cwd: Path, timeout: float = 420, **env) -> subprocess.Comple
 def fit(cwd: Path, run: str, devices: int, *extra, timeout: float = 420) -> list[float]:
     """`python -m tokensel fit` (Lightning launches the other processes); returns train/loss per step."""
     bs = B * 2 // devices
+    cwd.mkdir(parents=True, exist_ok=True)
     _run([sys.executable, "-m", "tokensel", *_args(run, bs, "--trainer.devices", devices, *extra)], cwd, timeout)
     return _losses(cwd, run)
 
@@ -233,3 +234,11 @@ def test_validation_is_sharded_across_ranks_and_its_means_match_one_process(tmp_
         assert two["val/tokens"] == one["val/tokens"], (one, two)
         for k in ("val/loss", "val/token_acc", "val/loss/arith", "val/loss/words"):
             assert abs(two[k] - one[k]) <= 1e-5, (k, one, two)
+
+
+def test_zero3_distillation_trains_like_one_process(tmp_path):
+    """ESLM-KD's loss reads both LM heads' weights directly; under ZeRO-3 both are sharded, and before the KL ran
+    inside the heads' calls the teacher's head had 0 rows ("distillation needs one vocabulary ... teacher 0")."""
+    kd = ["--model.init_args.distill", '{"teacher": "initial", "alpha": 0.5}']
+    one = fit(tmp_path / "one", "kd1", 1, *kd)
+    _close(one, fit(tmp_path / "z3", "kd3", 2, "--config", ROOT / "configs" / "deepspeed" / "zero3.yaml", *kd))

@@ -524,7 +524,14 @@ class SelectiveLM(LightningModule):
         with torch.no_grad():
             t_hidden = t_backbone(input_ids=batch["input_ids"], attention_mask=mask,
                                   position_ids=batch.get("position_ids")).last_hidden_state[b, t - 1]
-        kd = token_kl(rows["hidden"], weight, t_hidden, t_weight, d.temperature, d.chunk_size, bias, t_bias)
+        # ZeRO-3: both heads' weights are sharded; run the KL as the student head's and then the teacher head's
+        # forward, so DeepSpeed gathers each (and the student's again for the backward). Plain calls otherwise.
+        s_head, t_head = _unwrap(self.model).get_output_embeddings(), _unwrap(self.teacher).get_output_embeddings()
+
+        def kl(hidden: Tensor, teacher_hidden: Tensor) -> Tensor:
+            return call_in_module(t_head, token_kl, hidden, weight, teacher_hidden, t_weight, d.temperature,
+                                  d.chunk_size, bias, t_bias)
+        kd = call_in_module(s_head, kl, rows["hidden"], t_hidden)
         kd_full = torch.zeros(ce.shape, dtype=kd.dtype, device=ce.device).index_put((b, t), kd)
         return d.alpha * kd_full + (1 - d.alpha) * ce
 
