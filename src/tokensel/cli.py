@@ -267,6 +267,8 @@ class TokenselCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         from tokensel.trainer.base_trainer import configure_run_dirs
 
+        if self.subcommand == "fit":
+            _check_warmup_fits(self.config["fit"])
         configure_run_dirs(self.config, self.subcommand, sys.argv)
 
     def after_instantiate_classes(self) -> None:
@@ -286,6 +288,22 @@ class TokenselCLI(LightningCLI):
                 from tokensel.trainer.base_trainer import log_hparams
 
                 log_hparams(dm, {"data": flat})
+
+
+def _check_warmup_fits(cfg) -> None:
+    """A `WarmupDecay` warm-up of at least `trainer.max_steps` optimizer steps, refused before the run folder is
+    made (the scheduler itself learns the run's length only when fit starts, after the config is written there).
+    A run bounded by epochs alone is checked when its length is known."""
+    sched, trainer = cfg.get("lr_scheduler"), cfg.get("trainer")
+    if sched is None or trainer is None or not str(sched.get("class_path", "")).endswith("WarmupDecay"):
+        return
+    init = sched.get("init_args") or {}
+    steps, max_steps = init.get("warmup_steps") or 0, trainer.get("max_steps")
+    if (isinstance(max_steps, int) and max_steps > 0 and init.get("warmup_ratio") is None
+            and not init.get("warmup_overlap") and isinstance(steps, int) and steps >= max_steps):
+        raise ConfigError(f"lr_scheduler.init_args.warmup_steps={steps} is not shorter than the run "
+                          f"(trainer.max_steps={max_steps}); lower it, or use warmup_ratio so it scales with "
+                          "trainer.max_steps")
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> TokenselCLI:

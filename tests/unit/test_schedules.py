@@ -160,6 +160,17 @@ def test_bad_schedule_on_the_command_line_is_one_line_and_writes_nothing(in_tmp,
     assert not (in_tmp / "checkpoints").exists()
 
 
+def test_a_warmup_as_long_as_max_steps_is_refused_before_the_run_folder_is_made(in_tmp, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(ROOT / "recipes" / "sft.yaml"), "--config", str(TINY), "--trainer.max_steps", "4",
+              "--lr_scheduler.init_args.warmup_steps", "4", "--lr_scheduler.init_args.warmup_ratio", "null"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: lr_scheduler.init_args.warmup_steps=4 is not shorter than the run (trainer.max_steps=4); lower it, "
+        "or use warmup_ratio so it scales with trainer.max_steps")
+    assert not (in_tmp / "checkpoints").exists()  # (the scheduler's own check runs after config.yaml is written)
+
+
 def test_no_recipe_hard_codes_a_schedule_length():
     for path in sorted((ROOT / "recipes").rglob("*.yaml")) + sorted((ROOT / "tests" / "integration").rglob("*.yaml")):
         text = path.read_text()
