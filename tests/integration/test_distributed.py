@@ -242,3 +242,37 @@ def test_zero3_distillation_trains_like_one_process(tmp_path):
     kd = ["--model.init_args.distill", '{"teacher": "initial", "alpha": 0.5}']
     one = fit(tmp_path / "one", "kd1", 1, *kd)
     _close(one, fit(tmp_path / "z3", "kd3", 2, "--config", ROOT / "configs" / "deepspeed" / "zero3.yaml", *kd))
+
+
+@pytest.mark.parametrize("recipe, extra, keys", [
+    ("dyt", ["--data.init_args.synthetic_sizes", "[32, 13, 13]", "--data.init_args.batch_size", "4"],
+     ("val/loss", "val/acc", "val/keep_rate")),
+    ("llsa_dit", ["--data.init_args.synthetic_size", "60"], ("val/loss",)),
+])
+def test_vision_validation_is_sharded_across_ranks_and_matches_one_process(tmp_path, recipe, extra, keys):
+    """The ViT (13 validation images) and DiT (15) modules: 2 DDP processes score shares of 7 and 6 (8 and 7),
+    each padded with a weight-0 copy, so the images scored over all ranks equal one process's and so do the
+    means. DiT's fixed validation noise is seeded per image, so it is the same however the set is split. Both
+    write pictures after validation (keep maps, sample grids): rank 0 alone asked for `trainer.log_dir`, a
+    broadcast under DDP, and the job hung there before."""
+    got = {}
+    for devices in (1, 2):
+        run = f"{recipe}{devices}"
+        cwd = tmp_path / run
+        cwd.mkdir()
+        _run([sys.executable, "-m", "tokensel", "validate", "--config", ROOT / "recipes" / f"{recipe}.yaml",
+              "--config", ROOT / "tests" / "integration" / "tiny" / f"{recipe}.yaml", "--trainer.accelerator", "cpu",
+              "--trainer.devices", devices, "--trainer.limit_val_batches", "null",
+              *(["--trainer.strategy", "ddp"] if devices > 1 else []),
+              "--trainer.logger", '{"class_path": "lightning.pytorch.loggers.CSVLogger", '
+                                  f'"init_args": {{"save_dir": "logs", "name": "{run}"}}}}', *extra], cwd, 240)
+        assert list(cwd.rglob("*.png")), f"{run}: no keep map / sample grid written"
+        (metrics,) = (cwd / "logs" / run).glob("version_*/metrics.csv")
+        with open(metrics) as f:
+            (row,) = [r for r in csv.DictReader(f) if r.get("val/loss")]
+        got[devices] = {k: float(v) for k, v in row.items() if k.startswith("val/") and v}
+    print(got)
+    one, two = got[1], got[2]
+    assert one["val/images"] == two["val/images"] == {"dyt": 13, "llsa_dit": 15}[recipe], got
+    for k in keys:
+        assert abs(one[k] - two[k]) <= 1e-5, (k, got)

@@ -277,6 +277,9 @@ def test_each_rank_scores_its_own_share_of_the_validation_set_padded_with_unlabe
     assert [len(EvalShard(base, r, 1)) for r in range(1)] == [7] and EvalShard(base, 0, 1)[6] is base[6]
     with pytest.raises(IndexError):
         shares[0][3]
+    images = [{"image": i, "label": i % 2, "index": i} for i in range(5)]  # weighted: images have no token labels
+    w = [[(x["index"], x["label"], x["eval_weight"]) for x in EvalShard(images, r, 2, weighted=True)] for r in (0, 1)]
+    assert w == [[(0, 0, 1.0), (2, 0, 1.0), (4, 0, 1.0)], [(1, 1, 1.0), (3, 1, 1.0), (0, 0, 0.0)]]
 
 
 def test_per_source_validation_loss_is_each_sources_token_weighted_mean():

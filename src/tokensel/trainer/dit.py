@@ -56,6 +56,7 @@ from tokensel.modules.modeling_llsa_dit import (
 )
 from tokensel.trainer.export import save_hf
 from tokensel.trainer.idx import read_idx
+from tokensel.trainer.metrics import compute_eval_metrics, eval_metrics, update_mean
 
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -65,10 +66,14 @@ DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # ----------------------------------------------------------------------------------------------------
 
 
-def flow_matching_loss(net: nn.Module, x0: Tensor, y: Tensor | None, t: Tensor, eps: Tensor) -> Tensor:
-    """Rectified-flow MSE: the network at `x_t = (1 - t) x0 + t eps` regresses `eps - x0`."""
+def flow_matching_loss(net: nn.Module, x0: Tensor, y: Tensor | None, t: Tensor, eps: Tensor,
+                       per_sample: bool = False) -> Tensor:
+    """Rectified-flow MSE: the network at `x_t = (1 - t) x0 + t eps` regresses `eps - x0`; with `per_sample`,
+    each image's own mean `[B]` (their mean is the batch's loss: every image has the same size)."""
     tt = t.view(-1, *([1] * (x0.dim() - 1)))
     xt = (1 - tt) * x0 + tt * eps
+    if per_sample:
+        return F.mse_loss(net(xt, t, y).float(), (eps - x0).float(), reduction="none").flatten(1).mean(1)
     return F.mse_loss(net(xt, t, y).float(), (eps - x0).float())
 
 
@@ -144,19 +149,45 @@ class FlowMatchingDiT(LightningModule):
 
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> Tensor:
         x0 = batch["image"]
-        # Same (t, eps) for batch i in every run and every validation: dense vs LLSA differ only by the model.
-        gen = torch.Generator(device="cpu").manual_seed(self.hparams.val_seed + batch_idx)
-        t = torch.rand(x0.shape[0], generator=gen).to(x0.device)
-        eps = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
-        loss = flow_matching_loss(self.net, x0, self._labels(batch), t, eps)
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=x0.shape[0])
-        return loss
+        t, eps = self._fixed_noise(batch, batch_idx)
+        loss = flow_matching_loss(self.net, x0, self._labels(batch), t, eps, per_sample=True)
+        # the mean over every image of the set and all ranks (padding copies of a rank's share weigh 0)
+        weight, metrics = batch.get("eval_weight"), eval_metrics(self, stage, ["loss"], sums=("images",))
+        update_mean(metrics["loss"], loss, weight)
+        update_mean(metrics["images"], weight.sum() if weight is not None else torch.tensor(float(loss.numel())))
+        return loss.mean()
+
+    def _fixed_noise(self, batch: dict, batch_idx: int) -> tuple[Tensor, Tensor]:
+        """The same (t, eps) for image i of the set in every run and every validation, whatever the batch size
+        or number of ranks: dense vs LLSA differ only by the model. Seeded per image index (per batch position
+        when the data module gives no index)."""
+        x0 = batch["image"]
+        index = batch.get("index")
+        if index is None:
+            index = torch.arange(x0.shape[0]) + batch_idx * x0.shape[0]
+        ts, eps = [], []
+        for i in index.tolist():
+            gen = torch.Generator(device="cpu").manual_seed(self.hparams.val_seed * 1_000_003 + int(i))
+            ts.append(torch.rand(1, generator=gen))
+            eps.append(torch.randn(x0.shape[1:], generator=gen))
+        return torch.cat(ts).to(x0.device), torch.stack(eps).to(x0.device, x0.dtype)
+
+    def _log_eval(self, stage: str) -> None:
+        for k, v in compute_eval_metrics(self, stage).items():  # already reduced over ranks
+            self.log(f"{stage}/{k}", v, prog_bar=k == "loss", sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero or self.hparams.num_sample_images <= 0:
+        self._log_eval("val")
+        if self.trainer.sanity_checking or self.hparams.num_sample_images <= 0:
+            return
+        # on every rank: under DDP `log_dir` is a broadcast, and rank 0 alone asking for it waited forever
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
+        if not self.trainer.is_global_zero:
             return
         images = self.net.sample(self.hparams.num_sample_images, self.hparams.sample_steps, seed=0)
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
         save_image_grid(images, folder / f"step_{self.global_step:07d}.png")
 
     def export_hf(self, out_dir: str, adapter_only: bool = False, datamodule=None, dtype: str | None = None) -> None:
@@ -197,7 +228,8 @@ def synthetic_shapes(num: int, size: int = 28, seed: int = 0) -> tuple[np.ndarra
 
 
 class _ImageSet(Dataset):
-    """`{"image": [1, S, S] float in [-1, 1], "label": int64}` items from uint8 arrays padded to S."""
+    """`{"image": [1, S, S] float in [-1, 1], "label": int64, "index": i}` items from uint8 arrays padded to S
+    (the index seeds the image's fixed validation noise)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, size: int) -> None:
         x = torch.from_numpy(np.array(images, dtype=np.float32)).div(127.5).sub(1.0).unsqueeze(1)
@@ -210,7 +242,7 @@ class _ImageSet(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": self.labels[i]}
+        return {"image": self.images[i], "label": self.labels[i], "index": i}
 
 
 class FashionMNISTDiffusionData(LightningDataModule):
@@ -278,7 +310,11 @@ class FashionMNISTDiffusionData(LightningDataModule):
                           drop_last=True, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        """Each data-parallel rank scores its own share (`EvalShard`); one process reads the whole set."""
+        from tokensel.trainer.data.sampler import eval_share
+
+        return DataLoader(eval_share(self.trainer, self.val_set, weighted=True), batch_size=self.batch_size,
+                          shuffle=False, num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         """The validation images (Fashion-MNIST's t10k split, or the synthetic validation set)."""

@@ -31,6 +31,7 @@ from tokensel.modules.base import TokenSelector, TokenStats
 from tokensel.modules.basic import FullSelection
 from tokensel.offline import TINY_TOKENIZER, resolve_model, resolve_tokenizer
 from tokensel.trainer.export import save_hf
+from tokensel.trainer.metrics import compute_eval_metrics, eval_metrics, update_mean
 from tokensel.trainer.report import SelectionReport
 from tokensel.trainer.strategies import call_in_module
 from tokensel.trainer.token_cache import TokenStatsCache
@@ -611,19 +612,10 @@ class SelectiveLM(LightningModule):
         self._eval_epoch_end("test")
 
     def _eval_means(self, stage: str) -> dict:
-        """Token-weighted running means of one stage (loss, token accuracy), synced across ranks on compute
-        (torchmetrics), made on first use on the module's device; float64 sums where the device has them."""
-        from torchmetrics.aggregation import MeanMetric, SumMetric
-
-        means = self.__dict__.setdefault("_eval_metrics", {})
-        if stage not in means:
-            keys = ["loss", "token_acc"] + [f"loss/{name}" for name in self._val_source_names()]
-            means[stage] = {k: MeanMetric().to(self.device) for k in keys}
-            means[stage]["tokens"] = SumMetric().to(self.device)  # labelled tokens scored, all ranks together
-            if self.device.type != "mps":
-                for m in means[stage].values():
-                    m.set_dtype(torch.float64)
-        return means[stage]
+        """Token-weighted running means of one stage (loss, token accuracy, each source's loss) and the count of
+        labelled tokens scored, over the whole set and all ranks (`tokensel.trainer.metrics`)."""
+        keys = ["loss", "token_acc"] + [f"loss/{name}" for name in self._val_source_names()]
+        return eval_metrics(self, stage, keys, sums=("tokens",))
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         """One pass of the backbone: per-token losses and, from the same hidden rows, greedy accuracy."""
@@ -631,22 +623,18 @@ class SelectiveLM(LightningModule):
         loss_tok, _, valid = self.token_stats(self.model, batch, grad=False, rows_out=rows)
         correct = self._token_accuracy(rows["hidden"], batch["labels"][rows["b"], rows["t"]])
         means = self._eval_means(stage)
-        dtype = means["loss"].mean_value.dtype
-        means["loss"].update(loss_tok[rows["b"], rows["t"]].to(dtype))
-        means["token_acc"].update(correct.to(dtype))
-        means["tokens"].update(torch.tensor(float(correct.numel()), dtype=dtype, device=correct.device))
+        update_mean(means["loss"], loss_tok[rows["b"], rows["t"]])
+        update_mean(means["token_acc"], correct)
+        update_mean(means["tokens"], torch.tensor(float(correct.numel()), device=correct.device))
         if "source_index" in batch:
             self.update_per_source(means, loss_tok, valid, batch["source_index"], self._val_source_names())
 
     def _eval_epoch_end(self, stage: str) -> None:
         """loss = sum of token losses / token count over the whole set and all ranks, ppl = exp(loss) (not a
         mean of per-batch exps), token_acc = correct / token count. No labelled token at all gives nan."""
-        means = self.__dict__.get("_eval_metrics", {}).get(stage)
-        if not means:
+        values = compute_eval_metrics(self, stage)
+        if not values:
             return
-        values = {k: m.compute().float() for k, m in means.items()}  # in one order on every rank (collectives)
-        for m in means.values():
-            m.reset()
         # already reduced over ranks; sync_dist only keeps Lightning from warning about epoch-level logging
         self.log(f"{stage}/loss", values["loss"], prog_bar=stage == "val", sync_dist=True)
         self.log(f"{stage}/ppl", torch.exp(values["loss"]), sync_dist=True)
@@ -663,8 +651,7 @@ class SelectiveLM(LightningModule):
         for s, name in enumerate(names):
             m = valid & (source_index == s)
             if m.any():
-                metric = means[f"loss/{name}"]
-                metric.update(loss_tok[m].to(metric.mean_value.dtype))
+                update_mean(means[f"loss/{name}"], loss_tok[m])
 
     def _val_source_names(self) -> list[str]:
         """The validation sources' names when there are several (`val/loss/<source>` for each, token-weighted over

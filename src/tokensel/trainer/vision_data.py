@@ -282,6 +282,8 @@ class ImageCollate:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         batch = {"labels": torch.stack([torch.as_tensor(it["label"]) for it in items]).long(),
                  "index": torch.tensor([it["index"] for it in items])}
+        if "eval_weight" in items[0]:  # a rank's share of an evaluation set (EvalShard): 0 on padding copies
+            batch["eval_weight"] = torch.tensor([it["eval_weight"] for it in items])
         mask = self._mask(items, x)
         if mask is not None:
             batch["mask"] = mask
@@ -457,10 +459,15 @@ class ImageClassificationData(LightningDataModule):
                           collate_fn=self.collate(), persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False, self.eval_batch_size)
+        """Each data-parallel rank scores its own share (`EvalShard`); one process reads the whole set."""
+        from tokensel.trainer.data.sampler import eval_share
+
+        return self._loader(eval_share(self.trainer, self.val_set, weighted=True), False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False, self.eval_batch_size)
+        from tokensel.trainer.data.sampler import eval_share
+
+        return self._loader(eval_share(self.trainer, self.test_set, weighted=True), False, self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

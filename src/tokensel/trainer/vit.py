@@ -37,6 +37,7 @@ from tokensel.modules.modeling_vit import (
 )
 from tokensel.modules.spa import keep_rate_loss, patch_labels, selection_label_loss
 from tokensel.trainer.export import save_hf
+from tokensel.trainer.metrics import compute_eval_metrics, eval_metrics, update_mean
 from tokensel.trainer.vision_data import image_processor_kwargs
 
 log = logging.getLogger(__name__)
@@ -413,17 +414,28 @@ class ViTClassifier(LightningModule):
             self._check_batch(batch)
         x, y = batch["pixel_values"], batch["labels"]
         out = self.model(x, mode=self.eval_mode)
-        loss = F.cross_entropy(out.logits, y)
-        logs = {f"{prefix}/loss": loss, f"{prefix}/acc": (out.logits.argmax(-1) == y).float().mean()}
-        if out.keep_masks:
-            rates = torch.stack([m[:, 1:].float().mean() for m in out.keep_masks])
-            logs[f"{prefix}/keep_rate"] = rates.mean()
-        self.log_dict(logs, prog_bar=prefix == "val", batch_size=y.shape[0])
+        loss = F.cross_entropy(out.logits, y, reduction="none")
+        # means over every image of the set and all ranks (padding copies of a rank's share weigh 0)
+        values = {"loss": loss, "acc": (out.logits.argmax(-1) == y).float()}
+        if out.keep_masks:  # each image's patch keep rate, averaged over the selective layers
+            values["keep_rate"] = torch.stack([m[:, 1:].float().mean(1) for m in out.keep_masks]).mean(0)
+        weight = batch.get("eval_weight")
+        metrics = eval_metrics(self, prefix, list(values), sums=("images",))
+        for k, v in values.items():
+            update_mean(metrics[k], v, weight)
+        update_mean(metrics["images"], weight.sum() if weight is not None else torch.tensor(float(y.numel())))
         if batch_idx == 0 and prefix == "val" and out.keep_masks and self.hparams.pictures > 0:
             k = self.hparams.pictures
             self._picture_batch = (x[:k].detach().cpu(), [m[:k].detach().cpu() for m in out.keep_masks],
                                    list(out.selective_layers))
-        return loss
+        return loss.mean()
+
+    def _log_eval(self, stage: str) -> None:
+        for k, v in compute_eval_metrics(self, stage).items():  # already reduced over ranks
+            self.log(f"{stage}/{k}", v, prog_bar=stage == "val", sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
         return self._eval_step(batch, batch_idx, "val")
@@ -435,11 +447,15 @@ class ViTClassifier(LightningModule):
         return self(batch["pixel_values"]).argmax(-1)
 
     def on_validation_epoch_end(self) -> None:
-        if self._picture_batch is None or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+        self._log_eval("val")
+        if self._picture_batch is None or self.trainer.sanity_checking:
             return
         images, masks, layers = self._picture_batch
         self._picture_batch = None
+        # on every rank: under DDP `log_dir` is a broadcast, and rank 0 alone asking for it waited forever
         root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if not self.trainer.is_global_zero:
+            return
         save_keep_pictures(images, masks, layers, root / "pictures" / f"keep_step{self.global_step:06d}.png")
 
     def on_fit_end(self) -> None:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tokensel.errors import ConfigError
 from tokensel.trainer.data.packing import pad_collate
-from tokensel.trainer.data.sampler import EvalShard, MixtureSampler, ResumableSampler
+from tokensel.trainer.data.sampler import MixtureSampler, ResumableSampler, eval_share
 from tokensel.trainer.data.sources import Source, parse_sources
 
 
@@ -310,11 +310,8 @@ class TextDataModule(LightningDataModule, abc.ABC):
         it all, in order."""
         if self.val_set is None:
             return []
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        data = self.val_set if world == 1 else EvalShard(self.val_set, rank, world)
-        return DataLoader(data, batch_size=self.batch_size, shuffle=False, collate_fn=self._collate(),
-                          num_workers=self.num_workers)
+        return DataLoader(eval_share(self.trainer, self.val_set), batch_size=self.batch_size, shuffle=False,
+                          collate_fn=self._collate(), num_workers=self.num_workers)
 
     def test_dataloader(self) -> DataLoader | list:
         """`trainer test` reads the validation set (`val_files`, else the `val_fraction` held out): no sample

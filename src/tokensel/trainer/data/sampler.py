@@ -110,13 +110,15 @@ class EvalShard(Dataset):
     """Rank `rank` of `world`'s share of an evaluation set: items rank, rank + world, rank + 2 world, ...
 
     Every item is scored by exactly one rank (validation costs 1/world of the set per rank instead of the whole
-    set on each), and the token-weighted means, summed over ranks, equal one process's. The shares are padded to
-    ceil(n / world) items with copies whose labels are all ignored (they add no token to any mean), so every rank
-    runs the same number of batches: ZeRO-3 gathers weights collectively in each forward, and a rank with one
-    batch fewer would leave the others waiting."""
+    set on each), and the weighted means, reduced over ranks (`tokensel.trainer.metrics`), equal one process's.
+    The shares are padded to ceil(n / world) items with copies that count for nothing, so every rank runs the
+    same number of batches: ZeRO-3 gathers weights collectively in each forward, and a rank with one batch fewer
+    would leave the others waiting. A pad is a text sample whose labels are all ignored (it adds no token to any
+    mean), or, with `weighted`, an item with `eval_weight` 0 (every item then carries `eval_weight`, 1 for a real
+    one: images have no per-token labels to ignore)."""
 
-    def __init__(self, base, rank: int, world: int):
-        self.base, self.rank, self.world = base, rank, max(1, world)
+    def __init__(self, base, rank: int, world: int, weighted: bool = False):
+        self.base, self.rank, self.world, self.weighted = base, rank, max(1, world), weighted
         self.n = len(base)
         self.per_rank = -(-self.n // self.world)
 
@@ -127,7 +129,16 @@ class EvalShard(Dataset):
         if not 0 <= i < self.per_rank:
             raise IndexError(i)
         j = self.rank + i * self.world
-        return self.base[j] if j < self.n else _ignored(self.base[j % self.n])
+        item = self.base[j % self.n]
+        if self.weighted:
+            return {**item, "eval_weight": float(j < self.n)}
+        return item if j < self.n else _ignored(item)
+
+
+def eval_share(trainer, dataset, weighted: bool = False):
+    """`dataset` for one process; this rank's `EvalShard` of it under data parallelism."""
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    return dataset if world == 1 or dataset is None else EvalShard(dataset, rank, world, weighted)
 
 
 def _ignored(item):
