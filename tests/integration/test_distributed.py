@@ -211,20 +211,27 @@ def _validate(cwd: Path, run: str, devices: int, *extra) -> dict[str, float]:
         f.write_text("".join(json.dumps({"prompt": f"{name} {i}?", "response": f"{name} answer {i * 7}"}) + "\n"
                              for i in range(n)))
         files.append(str(f))
+    gen = cwd / "gen.yaml"  # greedy generations too: under ZeRO-3 every rank must take part in generate()
+    gen.write_text("trainer:\n  callbacks:\n    - class_path: GenerationEval\n"
+                   "      init_args: {n_prompts: 3, max_new_tokens: 5}\n")
     args = _args(run, 2, "--trainer.devices", devices, "--data.init_args.val_files", json.dumps(files),
-                 "--trainer.limit_val_batches", "null", *extra)
+                 "--trainer.limit_val_batches", "null", "--config", gen, *extra)
     _run([sys.executable, "-m", "tokensel", "validate", *args[1:]], cwd)
+    (samples,) = (cwd / "checkpoints" / run / "generations").glob("val_step*.jsonl")
     (metrics,) = (cwd / "logs" / run).glob("version_*/metrics.csv")
     with open(metrics) as f:
         (row,) = [r for r in csv.DictReader(f) if r.get("val/loss")]
-    return {k: float(v) for k, v in row.items() if k.startswith("val/") and v}
+    out = {k: float(v) for k, v in row.items() if k.startswith("val/") and v and k != "val/exact_match"}
+    out["outputs"] = [json.loads(ln)["output"] for ln in samples.read_text().splitlines()]
+    return out
 
 
 def test_validation_is_sharded_across_ranks_and_its_means_match_one_process(tmp_path):
     """Each rank scores its own share (13 + 8 rows over 2 ranks: shares of 11 and 10, padded to 11 with an
     unlabelled copy), so the labelled tokens scored, summed over ranks, equal one process's (scoring the whole set
     on each rank would double them), and val/loss, token accuracy and each source's loss equal one process's.
-    ZeRO-3, whose forward gathers weights collectively, needs the equal batch counts the padding gives."""
+    ZeRO-3, whose forward gathers weights collectively, needs the equal batch counts the padding gives, and
+    every rank in GenerationEval's generate() (which decodes the same prompts as one process)."""
     one = _validate(tmp_path / "one", "v1", 1)
     assert {"val/loss", "val/token_acc", "val/tokens", "val/loss/arith", "val/loss/words"} <= one.keys(), one
     for run, extra in (("ddp", ["--trainer.strategy", "ddp"]),
@@ -232,6 +239,7 @@ def test_validation_is_sharded_across_ranks_and_its_means_match_one_process(tmp_
         two = _validate(tmp_path / run, run, 2, *extra)
         print(run, two)
         assert two["val/tokens"] == one["val/tokens"], (one, two)
+        assert len(one["outputs"]) == 3 and two["outputs"] == one["outputs"]  # the same greedy decoding
         for k in ("val/loss", "val/token_acc", "val/loss/arith", "val/loss/words"):
             assert abs(two[k] - one[k]) <= 1e-5, (k, one, two)
 
