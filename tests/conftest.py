@@ -35,13 +35,20 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run_cli(args, cwd, timeout=600, env=None):
-    """`python -m tokensel ARGS` in a subprocess; returns the CompletedProcess."""
+def run_cli(args, cwd, timeout=900, env=None):
+    """`python -m tokensel ARGS` in a subprocess, stdout / stderr as pipes (as under a cluster scheduler: no
+    progress bar); returns the CompletedProcess."""
     import subprocess
 
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "tokensel", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def cli():
+    """`cli(args, cwd, timeout=900, env=None)`: the `trainer` command in a subprocess (`run_cli`)."""
+    return run_cli
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ import csv
 import importlib.util
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,23 +15,17 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "integration" / "tiny"
 
 
-def run_cli(args, cwd, module="tokensel"):
-    # pipes, as under a cluster scheduler: no progress bar, one summary line every N steps
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)
-
-
 def _numbers(line: str, key: str) -> float:
     return float(re.search(rf"(?<![\w/]){re.escape(key)} ([\d.]+)", line).group(1))
 
 
-def test_a_tiny_fit_logs_generation_and_throughput_then_trainer_test_works(tmp_path):
+def test_a_tiny_fit_logs_generation_and_throughput_then_trainer_test_works(tmp_path, cli):
     extra = tmp_path / "gen.yaml"
     extra.write_text("trainer:\n  callbacks:\n    - class_path: GenerationEval\n"
                      "      init_args: {n_prompts: 2, max_new_tokens: 8}\n")
     common = ["--config", ROOT / "recipes" / "sstoken.yaml", "--config", TINY / "_lm.yaml", "--config", extra,
               "--data.init_args.val_fraction", "0.1", "--data.init_args.max_length", 256]
-    r = run_cli(["fit", *common, "--trainer.logger", "null", "--trainer.enable_progress_bar", "null",
+    r = cli(["fit", *common, "--trainer.logger", "null", "--trainer.enable_progress_bar", "null",
                  "--trainer.max_steps", 4, "--trainer.val_check_interval", 2, "--trainer.log_every_n_steps", 2,
                  "--trainer.summary_every_n_steps", 2, "--model.init_args.report.init_args.every_n_steps", 2], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -72,7 +64,7 @@ def test_a_tiny_fit_logs_generation_and_throughput_then_trainer_test_works(tmp_p
     page = (run / "selection_report" / "report.html").read_text()
     assert "Generations (val, step 4): exact match" in page and "prompt 1:" in page
 
-    t = run_cli(["test", *common, "--trainer.logger", "false", "--ckpt_path", ckpt], tmp_path)
+    t = cli(["test", *common, "--trainer.logger", "false", "--ckpt_path", ckpt], tmp_path)
     assert t.returncode == 0 and "Traceback" not in t.stderr, t.stderr[-3000:]
     for key in ("test/loss", "test/ppl", "test/token_acc", "test/exact_match"):
         assert key in t.stdout, t.stdout
@@ -80,8 +72,8 @@ def test_a_tiny_fit_logs_generation_and_throughput_then_trainer_test_works(tmp_p
 
 
 @pytest.mark.parametrize("recipe", ["dyt", "llsa_dit"])
-def test_trainer_test_runs_for_the_vision_modules(tmp_path, recipe):
-    r = run_cli(["test", "--config", ROOT / "recipes" / f"{recipe}.yaml", "--config", TINY / f"{recipe}.yaml",
+def test_trainer_test_runs_for_the_vision_modules(tmp_path, cli, recipe):
+    r = cli(["test", "--config", ROOT / "recipes" / f"{recipe}.yaml", "--config", TINY / f"{recipe}.yaml",
                  "--trainer.logger", "false"], tmp_path)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "test/loss" in r.stdout
@@ -131,7 +123,7 @@ def _loglikelihood(model, tok, context: str, continuation: str) -> float:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs the eval extra (lm-eval)")
-def test_trainer_eval_runs_lm_eval_on_an_export_and_matches_log_likelihoods_computed_here(tmp_path):
+def test_trainer_eval_runs_lm_eval_on_an_export_and_matches_log_likelihoods_computed_here(tmp_path, cli):
     """An exported tiny LM through `trainer eval` with an offline multiple-choice task: the harness's score for
     every choice equals the log-likelihood computed here from the exported weights, and its accuracy equals the
     hand count of argmax choices against the targets (a model that ignores or scrambles the export would not)."""
@@ -140,10 +132,10 @@ def test_trainer_eval_runs_lm_eval_on_an_export_and_matches_log_likelihoods_comp
     tasks.mkdir()
     (tasks / "tiny_arith_mc.yaml").write_text(MC_TASK.format(data=data))
     exp = tmp_path / "exported"
-    r = run_cli(["export", "--config", ROOT / "recipes" / "sstoken.yaml", "--config", TINY / "_lm.yaml",
+    r = cli(["export", "--config", ROOT / "recipes" / "sstoken.yaml", "--config", TINY / "_lm.yaml",
                  "--allow_untrained", "true", "--out", exp], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = run_cli(["eval", exp, "--tasks", "tiny_arith_mc", "--include_path", tasks, "--batch_size", 2,
+    r = cli(["eval", exp, "--tasks", "tiny_arith_mc", "--include_path", tasks, "--batch_size", 2,
                  "--device", "cpu", "--log_samples"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tokensel: lm_eval --model hf" in r.stdout and f"lm-eval results in {exp / 'lm_eval.json'}" in r.stdout
@@ -165,15 +157,15 @@ def test_trainer_eval_runs_lm_eval_on_an_export_and_matches_log_likelihoods_comp
     assert acc == pytest.approx(correct / len(DOCS))
 
 
-def test_trainer_eval_names_an_unknown_task_or_a_missing_export_in_one_line(tmp_path):
-    r = run_cli(["eval", tmp_path / "nowhere", "--tasks", "gsm8k"], tmp_path)
+def test_trainer_eval_names_an_unknown_task_or_a_missing_export_in_one_line(tmp_path, cli):
+    r = cli(["eval", tmp_path / "nowhere", "--tasks", "gsm8k"], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and ("not an exported model folder" in err[0] or "not installed" in err[0]), err
     if importlib.util.find_spec("lm_eval") is None:
         return
     (tmp_path / "config.json").write_text("{}")
-    r = run_cli(["eval", tmp_path, "--tasks", "no_such_task_xyz"], tmp_path)
+    r = cli(["eval", tmp_path, "--tasks", "no_such_task_xyz"], tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --tasks no_such_task_xyz: unknown lm-eval task(s) no_such_task_xyz; `lm_eval ls tasks` lists them, "
         "or pass --include_path DIR with your own task YAML"], r.stderr[-2000:]

@@ -2,30 +2,22 @@
 and the resolved config in the run folder (a rerun into the same folder works), no third-party chatter."""
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "integration" / "tiny" / "_lm.yaml"
 
 
-def run_cli(args, cwd):
-    # stdout / stderr are pipes, as under a cluster scheduler
-    return subprocess.run([sys.executable, "-m", "tokensel", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=900)
-
-
-def _fit(cwd, steps, *extra):
+def _fit(cli, cwd, steps, *extra):
     # logger / progress bar back to their defaults (the tiny overrides turn them off)
-    return run_cli(["fit", "--config", ROOT / "recipes" / "random.yaml", "--config", TINY,
+    return cli(["fit", "--config", ROOT / "recipes" / "random.yaml", "--config", TINY,
                     "--trainer.logger", "null", "--trainer.enable_progress_bar", "null",
                     "--trainer.max_steps", steps, "--trainer.val_check_interval", 10,
                     "--trainer.summary_every_n_steps", 10, *extra], cwd)
 
 
-def test_fifty_steps_without_a_tty_is_a_short_log(tmp_path):
-    r = _fit(tmp_path, 50)
+def test_fifty_steps_without_a_tty_is_a_short_log(tmp_path, cli):
+    r = _fit(cli, tmp_path, 50)
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout.splitlines()
     assert len(out) < 100, r.stdout
@@ -46,12 +38,13 @@ def test_fifty_steps_without_a_tty_is_a_short_log(tmp_path):
     # these resume): without a logger the config goes to the run folder itself, and a second rerun overwrites
     # it instead of refusing
     for _ in range(2):
-        r2 = _fit(tmp_path, 1, "--trainer.val_check_interval", 1, "--trainer.logger", "false", "--ckpt_path", "last")
+        r2 = _fit(cli, tmp_path, 1, "--trainer.val_check_interval", 1, "--trainer.logger", "false",
+                  "--ckpt_path", "last")
         assert r2.returncode == 0, r2.stderr[-3000:]
         assert (run / "config.yaml").exists()
 
 
-def test_a_weighted_mixture_logs_validation_loss_per_source(tmp_path):
+def test_a_weighted_mixture_logs_validation_loss_per_source(tmp_path, cli):
     """Two weighted JSONL sources through the CLI: the run trains, and metrics.csv has val/loss/<name> for each
     source beside val/loss (the token-weighted mean of the two)."""
     import json
@@ -62,7 +55,7 @@ def test_a_weighted_mixture_logs_validation_loss_per_source(tmp_path):
                 f.write(json.dumps({"prompt": f"{name} {i}?", "response": f"{name} answer {i}"}) + "\n")
     files = json.dumps([{"path": str(tmp_path / "arith.jsonl"), "weight": 0.7},
                         {"path": str(tmp_path / "words.jsonl"), "weight": 0.3}])
-    r = _fit(tmp_path, 4, "--trainer.val_check_interval", 4, "--data.init_args.train_files", files,
+    r = _fit(cli, tmp_path, 4, "--trainer.val_check_interval", 4, "--data.init_args.train_files", files,
              "--data.init_args.val_fraction", "0.2", "--data.init_args.max_samples", "null")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "from 2 sources (arith, words)" in r.stdout
